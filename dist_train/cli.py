@@ -1,0 +1,45 @@
+"""`dist-train` command line: one subcommand per module, imported only when used.
+
+Each subcommand's module owns its arguments and exposes ``main(argv) -> int``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("dist_train.data.synth", "generate a synthetic pose-distortion shard set (with oracle)"),
+    "pack": ("dist_train.data.pack", "convert .npz / .npy arrays into a shard set"),
+    "inspect": ("dist_train.data.inspect", "data-quality report of a shard set"),
+    "extract": ("dist_train.data.extract", "InsightFace images/videos -> shard set"),
+    "train": ("dist_train.train", "train the frontalizer (single process or under accelerate launch)"),
+    "eval": ("dist_train.evaluate", "metrics of a checkpoint on a shard set split"),
+    "report": ("dist_train.report", "read training curves, plot them and diagnose what to change next"),
+    "export": ("dist_train.export", "checkpoint -> consolidated fp32 file and ONNX, with parity check"),
+    "frontalize": ("dist_train.frontalize", "apply an exported model to arrays in an .npz"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: dist-train COMMAND [options]   (dist-train COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dist-train: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

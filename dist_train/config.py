@@ -1,0 +1,360 @@
+"""Typed run configuration: YAML presets + command-line overrides, validated up front.
+
+Each component owns a section (data, model, loss, optim, train, eval,
+checkpoint, log). YAML files are nested by section and may name a ``base:``
+preset to start from; every field is also a flat command-line flag
+(``--d_model 768``), the spelling the design notes use. Anything invalid is
+rejected before work starts with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RESOLVED_NAME = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    data_dir: Optional[str] = None  # shard set directory (holds index.json)
+    train_split: str = "train"
+    val_split: str = "val"
+    target: Literal["sample", "centroid"] = "sample"  # centroid needs tgt_centroid in the shard set
+    resampled: bool = True  # infinite resampled shards (any rank count) vs exact epochs over each rank's shards
+    shuffle_blocks: int = 8  # blocks held in the shuffle buffer per worker
+    num_workers: int = 1
+    samples_per_epoch: Optional[int] = None  # default: the train split's sample count from index.json
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 512
+    nhead: int = 8
+    num_layers: int = 4
+    dim_feedforward: int = 2048
+    dropout: float = 0.15
+    emb_tokens: Literal["whole", "chunked"] = "whole"
+    emb_chunks: int = 16
+    landmark_tokens: Literal["one", "parts", "points"] = "parts"
+    residual_mlp: bool = False
+    gate: Literal["learned", "yaw", "none"] = "learned"
+
+
+@dataclass
+class LossConfig:
+    mse_weight: float = 0.2
+    cosine_weight: float = 0.8
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.05
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    scheduler_type: Literal["cosine", "cosine_restarts", "constant"] = "cosine"
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    cosine_eta_min: float = 1e-6
+    restart_period_epochs: float = 10.0
+    restart_mult: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # micro batch per process; global = batch_size * accumulation * processes
+    gradient_accumulation_steps: int = 1
+    epochs: int = 100
+    max_steps: Optional[int] = None  # optimizer steps; caps the run
+    use_mixed_precision: bool = False  # fp16 on GPUs (fp32 on CPU, where DeepSpeed cannot run fp16)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: follow use_mixed_precision
+    seed: int = 42
+    output_dir: str = "runs/default"
+    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    early_stopping_patience: int = 20  # evaluations without improvement; 0 disables
+    early_stopping_min_delta: float = 1e-4
+    max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class EvalConfig:
+    eval_every_steps: int = 0  # 0: at each epoch end only
+    eval_max_samples: Optional[int] = None
+
+
+@dataclass
+class CheckpointConfig:
+    save_every_steps: int = 0  # 0: at each epoch end only
+    keep_last: int = 3
+
+
+@dataclass
+class LogConfig:
+    log_every_steps: int = 10
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, run_dir: str | Path) -> Path:
+        path = Path(run_dir) / RESOLVED_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+_HINTS = typing.get_type_hints(Config)
+SECTION_TYPES: dict[str, type] = {f.name: _HINTS[f.name] for f in dataclasses.fields(Config)}
+# flat flag name -> (section, field)
+FLAT: dict[str, tuple[str, dataclasses.Field]] = {}
+for _sec, _cls in SECTION_TYPES.items():
+    for _f in dataclasses.fields(_cls):
+        assert _f.name not in FLAT, f"field name {_f.name} is used by two sections"
+        FLAT[_f.name] = (_sec, _f)
+_FIELD_TYPES = {name: typing.get_type_hints(SECTION_TYPES[sec])[name] for name, (sec, _) in FLAT.items()}
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _describe(inner[0]) + " or null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def coerce(key: str, value):
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    tp = _FIELD_TYPES[key]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: {value!r} is not valid; expected {_describe(_FIELD_TYPES[key])}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise bad from None
+            if f.is_integer():
+                return int(f)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _flatten_yaml(raw: dict, source: str) -> dict:
+    """Nested {section: {key: value}} (or flat keys) -> flat {key: value}."""
+    flat: dict = {}
+    for k, v in raw.items():
+        if k in SECTION_TYPES:
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: section {k!r} must be a mapping, got {v!r}")
+            for kk, vv in v.items():
+                if kk not in FLAT or FLAT[kk][0] != k:
+                    allowed = [f.name for f in dataclasses.fields(SECTION_TYPES[k])]
+                    raise ConfigError(f"{source}: unknown key {k}.{kk}; allowed in {k}: {allowed}")
+                flat[kk] = vv
+        elif k in FLAT:
+            flat[k] = v
+        else:
+            raise ConfigError(f"{source}: unknown key {k!r}; sections are {list(SECTION_TYPES)}")
+    return flat
+
+
+def resolve_preset(name: str | Path) -> Path:
+    """A preset name (``base``) or a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    cand = CONFIG_DIR / f"{name}.yaml"
+    if cand.is_file():
+        return cand
+    presets = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {str(name)!r} not found: give a YAML file path or one of the presets {presets}")
+
+
+def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Flat values of a YAML config, following ``base:`` chains."""
+    path = resolve_preset(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: base chain loops through {[str(s) for s in _seen]}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = raw.pop("base", None)
+    values = load_yaml(base if Path(str(base)).suffix else str(base), _seen + (path.resolve(),)) if base else {}
+    values.update(_flatten_yaml(raw, str(path)))
+    return values
+
+
+def build(values: dict) -> Config:
+    """Flat {key: value} -> validated Config."""
+    cfg = Config()
+    for key, value in values.items():
+        if key not in FLAT:
+            raise ConfigError(f"unknown key {key!r}; allowed keys: {sorted(FLAT)}")
+        sec, _ = FLAT[key]
+        setattr(getattr(cfg, sec), key, coerce(key, value))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config, *, check_data: bool = True) -> None:
+    def need(cond: bool, key: str, value, allowed: str):
+        if not cond:
+            raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+    m, t, o, lo, d = cfg.model, cfg.train, cfg.optim, cfg.loss, cfg.data
+    for key in ("d_model", "nhead", "num_layers", "dim_feedforward", "emb_chunks"):
+        need(getattr(m, key) > 0, key, getattr(m, key), "must be a positive integer")
+    for key in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every_steps", "keep_last"):
+        sec = FLAT[key][0]
+        v = getattr(getattr(cfg, sec), key)
+        need(v > 0, key, v, "must be a positive integer")
+    for key in ("max_steps", "samples_per_epoch", "eval_max_samples"):
+        v = getattr(getattr(cfg, FLAT[key][0]), key)
+        need(v is None or v > 0, key, v, "must be a positive integer or null")
+    for key in ("num_workers", "eval_every_steps", "save_every_steps", "early_stopping_patience", "shuffle_blocks"):
+        v = getattr(getattr(cfg, FLAT[key][0]), key)
+        need(v >= 0, key, v, "must be zero or a positive integer")
+    need(m.d_model % m.nhead == 0, "d_model", m.d_model, f"must be divisible by nhead ({m.nhead})")
+    need(0.0 <= m.dropout < 1.0, "dropout", m.dropout, "must be in [0, 1)")
+    need(m.emb_tokens != "chunked" or 512 % m.emb_chunks == 0, "emb_chunks", m.emb_chunks, "must divide 512")
+    for key in ("lr", "warmup_lr", "contrastive_temperature"):
+        v = getattr(getattr(cfg, FLAT[key][0]), key)
+        need(v > 0, key, v, "must be positive")
+    for key in ("weight_decay", "cosine_eta_min", "grad_clip", "warmup_epochs", "early_stopping_min_delta"):
+        v = getattr(getattr(cfg, FLAT[key][0]), key)
+        need(v >= 0, key, v, "must be zero or positive")
+    for key in ("mse_weight", "cosine_weight", "contrastive_weight"):
+        v = getattr(lo, key)
+        need(v >= 0, key, v, "loss weights must be zero or positive")
+    need(
+        lo.mse_weight + lo.cosine_weight + lo.contrastive_weight > 0,
+        "cosine_weight",
+        lo.cosine_weight,
+        "mse_weight, cosine_weight and contrastive_weight are all zero: nothing would be trained",
+    )
+    need(o.warmup_epochs < t.epochs, "warmup_epochs", o.warmup_epochs, f"must be smaller than epochs ({t.epochs})")
+    need(o.cosine_eta_min <= o.lr, "cosine_eta_min", o.cosine_eta_min, f"must not exceed lr ({o.lr})")
+    need(o.restart_period_epochs > 0, "restart_period_epochs", o.restart_period_epochs, "must be positive")
+    need(o.restart_mult >= 1, "restart_mult", o.restart_mult, "must be >= 1")
+    if check_data and d.data_dir is not None:
+        from dist_train.data.shards import ShardSet, ShardSetError
+
+        try:
+            ss = ShardSet.open(d.data_dir)
+            ss.split(d.train_split)
+            ss.split(d.val_split)
+        except ShardSetError as e:
+            raise ConfigError(f"data_dir: {e}") from e
+        need(
+            d.target != "centroid" or ss.has("tgt_centroid"),
+            "target",
+            d.target,
+            f"shard set {d.data_dir} has no tgt_centroid; use target: sample",
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` plus one flag per field, all defaulting to 'not given'."""
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML preset name (configs/NAME.yaml) or path; flags override it. Default: base",
+    )
+    for sec, cls in SECTION_TYPES.items():
+        group = parser.add_argument_group(sec)
+        for f in dataclasses.fields(cls):
+            tp = _FIELD_TYPES[f.name]
+            kw: dict = {"default": argparse.SUPPRESS, "help": f"{_describe(tp)} (default {f.default!r})"}
+            if tp is bool:
+                # `--use_mixed_precision` alone means true; `--use_mixed_precision false` also works.
+                kw.update(nargs="?", const="true")
+            group.add_argument(f"--{f.name}", dest=f.name, metavar=f.name.upper(), **kw)
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """Preset (or ``base``) values, then the flags given on the command line."""
+    values = load_yaml(args.config or "base")
+    values.update({k: getattr(args, k) for k in FLAT if hasattr(args, k)})
+    return build(values)
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved config a run wrote into its directory (no data check)."""
+    return config_from_dict(yaml.safe_load((Path(run_dir) / RESOLVED_NAME).read_text()))
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Nested dict (as stored in checkpoints) -> Config, without the data check."""
+    cfg = Config()
+    for sec, vals in raw.items():
+        for k, v in vals.items():
+            setattr(getattr(cfg, sec), k, coerce(k, v))
+    validate(cfg, check_data=False)
+    return cfg
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)

@@ -1,0 +1,1 @@
+"""Data: sample schema, shard sets, synthetic data, packing, streaming, inspection, extraction."""

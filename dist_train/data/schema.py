@@ -1,0 +1,80 @@
+"""The one definition of a dist_train sample, its storage and the yaw buckets.
+
+Everything that reads or writes samples (synth, pack, extract, the loader,
+inspect, eval) imports these names instead of restating shapes or dtypes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+EMB_DIM = 512
+N_LANDMARKS = 68
+POSE_NAMES = ("pitch", "yaw", "roll")  # degrees, InsightFace `face.pose` order
+
+# Samples are stored in blocks: one tar member per field per block of this many
+# samples. One-sample-per-member shards read at ~2.5k samples/s here, blocks at
+# ~400k (../shared/reference/integration-pitfalls.md).
+DEFAULT_BLOCK_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    shape: tuple[int, ...]  # per-sample shape
+    storage: str  # numpy dtype on disk
+    required: bool
+    doc: str
+
+
+# Embeddings are unit vectors with components of about 1/sqrt(512) ~ 0.044;
+# float16 keeps them to ~5e-5 absolute, which moves cos by < 1e-5. Landmarks are
+# image pixels (up to thousands), so they stay float32.
+FIELDS: dict[str, Field] = {
+    f.name: f
+    for f in (
+        Field("src_emb", (EMB_DIM,), "float16", True, "L2-normalised profile/side-view ArcFace embedding"),
+        Field("src_kps", (N_LANDMARKS, 3), "float32", True, "InsightFace landmark_3d_68, image pixels"),
+        Field("src_pose", (3,), "float32", True, "pitch, yaw, roll in degrees (face.pose)"),
+        Field("tgt_emb", (EMB_DIM,), "float16", True, "L2-normalised frontal embedding, same identity"),
+        Field("identity", (), "int64", True, "integer identity id, unique within a shard set"),
+        Field("tgt_centroid", (EMB_DIM,), "float16", False, "identity's mean frontal embedding, L2-normalised"),
+        Field("oracle_emb", (EMB_DIM,), "float16", False, "synthetic only: the distortion undone exactly"),
+    )
+}
+REQUIRED = tuple(n for n, f in FIELDS.items() if f.required)
+OPTIONAL = tuple(n for n, f in FIELDS.items() if not f.required)
+EMBEDDING_FIELDS = ("src_emb", "tgt_emb", "tgt_centroid", "oracle_emb")
+
+# |yaw| buckets in degrees, used by eval, inspect, report and synth summaries.
+YAW_EDGES = (0.0, 15.0, 30.0, 45.0, 60.0, 75.0, 90.0)
+YAW_BUCKETS = tuple(f"{int(a)}-{int(b)}" for a, b in zip(YAW_EDGES[:-1], YAW_EDGES[1:]))
+
+
+def yaw_bucket_index(yaw_deg: np.ndarray) -> np.ndarray:
+    """Bucket index of |yaw| per sample; |yaw| > 90 falls in the last bucket."""
+    a = np.abs(np.asarray(yaw_deg, dtype=np.float64))
+    idx = np.searchsorted(np.asarray(YAW_EDGES[1:-1]), a, side="right")
+    return idx.astype(np.int64)
+
+
+def check_arrays(arrays: dict[str, np.ndarray]) -> int:
+    """Validate field names and shapes of a column dict; returns the sample count.
+
+    Raises ValueError naming the field, the shape found and the shape expected.
+    """
+    missing = [n for n in REQUIRED if n not in arrays]
+    if missing:
+        raise ValueError(f"missing required field(s) {missing}; a sample needs {list(REQUIRED)}")
+    unknown = [n for n in arrays if n not in FIELDS]
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; allowed fields are {list(FIELDS)}")
+    n = len(arrays["identity"])
+    for name, a in arrays.items():
+        want = (n, *FIELDS[name].shape)
+        if tuple(a.shape) != want:
+            raise ValueError(f"field {name!r} has shape {tuple(a.shape)}, expected {want}")
+    return n

@@ -1,0 +1,270 @@
+"""Shard sets on disk: block-structured WebDataset tars plus an ``index.json``.
+
+Layout of a shard set directory::
+
+    index.json                 schema version, fields, splits, provenance, skipped rows
+    train-000000.tar ...       WebDataset tars; one tar "sample" = one block
+    val-000000.tar ...
+
+Each tar sample has key ``bNNNNNN`` and one ``<field>.npy`` member per field
+holding that field for up to ``block_size`` samples. Shards are data, never
+code: members decode with ``allow_pickle=False`` and anything that is not a
+known ``.npy`` field makes the block bad.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dist_train.data.schema import (
+    DEFAULT_BLOCK_SIZE,
+    EMB_DIM,
+    FIELDS,
+    N_LANDMARKS,
+    REQUIRED,
+    SCHEMA_VERSION,
+    check_arrays,
+)
+
+INDEX_NAME = "index.json"
+DEFAULT_SHARD_SAMPLES = 16 * DEFAULT_BLOCK_SIZE
+
+
+class BadBlock(ValueError):
+    """A tar sample that is not a valid block (wrong members, shapes or dtypes)."""
+
+
+class ShardSetError(ValueError):
+    """A directory that is not a usable shard set; the message says how to fix it."""
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_split(
+    out_dir: str | os.PathLike,
+    split: str,
+    arrays: dict[str, np.ndarray],
+    *,
+    shard_samples: int = DEFAULT_SHARD_SAMPLES,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> dict:
+    """Write one split as ``{split}-NNNNNN.tar`` files; returns its index entry.
+
+    Each tar is written under a temporary name and renamed when complete, so a
+    crash never leaves a tar that looks whole.
+    """
+    import webdataset as wds
+
+    n = check_arrays(arrays)
+    if shard_samples % block_size:
+        raise ValueError(f"shard_samples ({shard_samples}) must be a multiple of block_size ({block_size})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stored = {k: np.ascontiguousarray(v, dtype=FIELDS[k].storage) for k, v in arrays.items()}
+    shards = []
+    for shard_no, start in enumerate(range(0, max(n, 1), shard_samples)):
+        stop = min(start + shard_samples, n)
+        if stop <= start:
+            break
+        name = f"{split}-{shard_no:06d}.tar"
+        tmp = out / (name + ".tmp")
+        with wds.TarWriter(str(tmp), encoder=False) as sink:
+            for b0 in range(start, stop, block_size):
+                b1 = min(b0 + block_size, stop)
+                sample = {"__key__": f"b{b0 // block_size:06d}"}
+                for k, v in stored.items():
+                    sample[f"{k}.npy"] = _npy_bytes(v[b0:b1])
+                sink.write(sample)
+        os.replace(tmp, out / name)
+        shards.append({"file": name, "n_samples": int(stop - start)})
+    return {
+        "shards": shards,
+        "n_samples": int(n),
+        "n_identities": int(len(np.unique(arrays["identity"]))) if n else 0,
+    }
+
+
+def write_index(
+    out_dir: str | os.PathLike,
+    splits: dict[str, dict],
+    *,
+    fields: list[str],
+    provenance: dict,
+    skipped: dict[str, int] | None = None,
+    extra: dict | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Path:
+    """Write ``index.json`` last (atomically): its presence marks the set complete."""
+    index = {
+        "schema_version": SCHEMA_VERSION,
+        "emb_dim": EMB_DIM,
+        "n_landmarks": N_LANDMARKS,
+        "block_size": block_size,
+        "fields": list(fields),
+        "storage": {k: FIELDS[k].storage for k in fields},
+        "splits": splits,
+        "provenance": provenance,
+        "skipped": dict(skipped or {}),
+    }
+    if extra:
+        index.update(extra)
+    path = Path(out_dir) / INDEX_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_shard_set(
+    out_dir: str | os.PathLike,
+    splits: dict[str, dict[str, np.ndarray]],
+    *,
+    provenance: dict,
+    skipped: dict[str, int] | None = None,
+    extra: dict | None = None,
+    shard_samples: int = DEFAULT_SHARD_SAMPLES,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Path:
+    """Write every split, then ``index.json``. Splits must not share identities."""
+    seen: dict[int, str] = {}
+    for split, arrays in splits.items():
+        for ident in np.unique(arrays["identity"]):
+            other = seen.setdefault(int(ident), split)
+            if other != split:
+                raise ValueError(
+                    f"identity {int(ident)} appears in splits {other!r} and {split!r}; splits are by identity"
+                )
+    fields = [k for k in FIELDS if all(k in a for a in splits.values())]
+    entries = {
+        s: write_split(out_dir, s, a, shard_samples=shard_samples, block_size=block_size) for s, a in splits.items()
+    }
+    return write_index(
+        out_dir, entries, fields=fields, provenance=provenance, skipped=skipped, extra=extra, block_size=block_size
+    )
+
+
+def decode_block(sample: dict) -> dict[str, np.ndarray]:
+    """Decode one tar sample (``{"src_emb.npy": bytes, ...}``) into float32/int64 arrays.
+
+    Raises BadBlock for unknown or pickled members, missing fields, bad shapes.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, value in sample.items():
+        if key.startswith("__"):
+            continue
+        name, _, ext = key.partition(".")
+        if ext != "npy" or name not in FIELDS:
+            raise BadBlock(f"unexpected member {key!r} in block {sample.get('__key__')!r}")
+        try:
+            a = np.load(io.BytesIO(value), allow_pickle=False)
+        except Exception as e:  # truncated or not an .npy: a bad block, never a crash
+            raise BadBlock(f"member {key!r} of block {sample.get('__key__')!r} does not decode: {e}") from e
+        out[name] = a.astype(np.int64 if name == "identity" else np.float32, copy=False)
+    missing = [f for f in REQUIRED if f not in out]
+    if missing:
+        raise BadBlock(f"block {sample.get('__key__')!r} lacks {missing}")
+    try:
+        check_arrays(out)
+    except ValueError as e:
+        raise BadBlock(f"block {sample.get('__key__')!r}: {e}") from e
+    return out
+
+
+@dataclass
+class ShardSet:
+    """An opened shard set: validated ``index.json`` plus resolved shard paths."""
+
+    root: Path
+    index: dict
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ShardSet:
+        root = Path(path)
+        idx = root / INDEX_NAME
+        if not root.is_dir():
+            raise ShardSetError(f"shard set directory {str(root)!r} does not exist")
+        if not idx.is_file():
+            raise ShardSetError(
+                f"{str(root)!r} holds no shard set (no {INDEX_NAME}); create one with "
+                "`dist-train synth --out DIR` or `dist-train pack --npz FILE --out DIR`"
+            )
+        try:
+            index = json.loads(idx.read_text())
+        except json.JSONDecodeError as e:
+            raise ShardSetError(f"{idx} is not valid JSON ({e}); re-create the shard set") from e
+        version = index.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ShardSetError(f"{idx} has schema_version {version!r}; this dist_train reads {SCHEMA_VERSION}")
+        if index.get("emb_dim") != EMB_DIM or index.get("n_landmarks") != N_LANDMARKS:
+            raise ShardSetError(
+                f"{idx} declares emb_dim={index.get('emb_dim')} n_landmarks={index.get('n_landmarks')}; "
+                f"dist_train expects {EMB_DIM} and {N_LANDMARKS}"
+            )
+        if not index.get("splits"):
+            raise ShardSetError(f"{idx} lists no splits")
+        return cls(root, index)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.index["splits"])
+
+    @property
+    def fields(self) -> list[str]:
+        return list(self.index["fields"])
+
+    def has(self, field: str) -> bool:
+        return field in self.index["fields"]
+
+    def split(self, name: str) -> dict:
+        try:
+            return self.index["splits"][name]
+        except KeyError:
+            raise ShardSetError(f"shard set {str(self.root)!r} has no split {name!r}; it has {self.splits}") from None
+
+    def n_samples(self, split: str) -> int:
+        return int(self.split(split)["n_samples"])
+
+    def shard_paths(self, split: str) -> list[str]:
+        return [str(self.root / s["file"]) for s in self.split(split)["shards"]]
+
+
+def iter_blocks(urls: list[str], on_error=None):
+    """Yield decoded blocks from shard URLs in order (local paths, pipe:, http).
+
+    ``on_error(exc)`` decides about a bad tar or block: return True to skip it
+    (count it there), anything else re-raises. Used by in-memory readers; the
+    training stream builds its own pipeline on ``decode_block``.
+    """
+    import webdataset as wds
+
+    def handler(exc):
+        return bool(on_error and on_error(exc))
+
+    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=handler))
+    for sample in pipe:
+        try:
+            yield decode_block(sample)
+        except BadBlock as e:
+            if not handler(e):
+                raise
+
+
+def read_split(shard_set: ShardSet, split: str, on_error=None) -> dict[str, np.ndarray]:
+    """Load a whole split into memory as float32/int64 column arrays."""
+    cols: dict[str, list[np.ndarray]] = {}
+    for block in iter_blocks(shard_set.shard_paths(split), on_error=on_error):
+        for k, v in block.items():
+            cols.setdefault(k, []).append(v)
+    if not cols:
+        return {k: np.zeros((0, *FIELDS[k].shape), np.int64 if k == "identity" else np.float32) for k in REQUIRED}
+    return {k: np.concatenate(v) for k, v in cols.items()}

@@ -1,0 +1,134 @@
+"""Metric definitions, used by training-time validation, `dist-train eval`, inspect and report.
+
+Every quality figure is reported beside the do-nothing baseline cos(src, tgt)
+and, when the shard set carries ``oracle_emb`` (synthetic data), beside the
+ceiling cos(oracle, tgt).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dist_train.data.schema import YAW_BUCKETS, yaw_bucket_index
+
+FARS = (1e-3, 1e-2)
+MAX_PAIR_SAMPLES = 4096  # samples used for impostor / TAR@FAR pairs (n^2 pairs)
+
+
+def row_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity per row (float64)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return num / np.maximum(den, 1e-12)
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+def _pair_subset(n: int) -> np.ndarray:
+    """A fixed subset, the same for any rank count or sample order of the same set."""
+    if n <= MAX_PAIR_SAMPLES:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, MAX_PAIR_SAMPLES, replace=False))
+
+
+def impostor_and_tar(query: np.ndarray, tgt: np.ndarray, identity: np.ndarray) -> dict:
+    """Mean impostor cos and TAR at fixed FARs for (query_i, tgt_j) pairs.
+
+    Genuine pairs: same identity; impostors: different identities. The
+    threshold for a FAR is the (1 - FAR) quantile of impostor scores.
+    """
+    idx = _pair_subset(len(query))
+    q, t, ids = _unit(query[idx]), _unit(tgt[idx]), identity[idx]
+    scores = q @ t.T
+    same = ids[:, None] == ids[None, :]
+    imp = scores[~same]
+    gen = scores[same]
+    out = {"impostor_cos": float(imp.mean()) if imp.size else float("nan"), "tar_at_far": {}}
+    for far in FARS:
+        if imp.size == 0 or gen.size == 0:
+            out["tar_at_far"][f"{far:g}"] = float("nan")
+            continue
+        thr = np.quantile(imp, 1.0 - far)
+        out["tar_at_far"][f"{far:g}"] = float((gen > thr).mean())
+    return out
+
+
+def quality(
+    pred: np.ndarray,
+    tgt: np.ndarray,
+    src: np.ndarray,
+    yaw: np.ndarray,
+    identity: np.ndarray,
+    oracle: np.ndarray | None = None,
+) -> dict:
+    """All validation metrics for predictions on one split.
+
+    Keys: n, mean_cos, identity_baseline_cos, gain, [oracle_cos,
+    fraction_of_oracle_gap], per_yaw, impostor_cos, baseline_impostor_cos,
+    tar_at_far {far: {"pred", "baseline"}}.
+    """
+    n = len(pred)
+    c_pred = row_cos(pred, tgt)
+    c_base = row_cos(src, tgt)
+    out: dict = {
+        "n": int(n),
+        "mean_cos": float(c_pred.mean()) if n else float("nan"),
+        "identity_baseline_cos": float(c_base.mean()) if n else float("nan"),
+    }
+    out["gain"] = out["mean_cos"] - out["identity_baseline_cos"]
+    c_orc = None
+    if oracle is not None:
+        c_orc = row_cos(oracle, tgt)
+        out["oracle_cos"] = float(c_orc.mean()) if n else float("nan")
+        gap = out["oracle_cos"] - out["identity_baseline_cos"]
+        out["fraction_of_oracle_gap"] = out["gain"] / gap if abs(gap) > 1e-9 else float("nan")
+    buckets = yaw_bucket_index(yaw)
+    per_yaw = {}
+    for i, name in enumerate(YAW_BUCKETS):
+        m = buckets == i
+        if not m.any():
+            continue
+        entry = {"n": int(m.sum()), "cos": float(c_pred[m].mean()), "baseline": float(c_base[m].mean())}
+        if c_orc is not None:
+            entry["oracle"] = float(c_orc[m].mean())
+        per_yaw[name] = entry
+    out["per_yaw"] = per_yaw
+    p = impostor_and_tar(pred, tgt, identity)
+    b = impostor_and_tar(src, tgt, identity)
+    out["impostor_cos"] = p["impostor_cos"]
+    out["baseline_impostor_cos"] = b["impostor_cos"]
+    out["tar_at_far"] = {
+        far: {"pred": p["tar_at_far"][far], "baseline": b["tar_at_far"][far]} for far in p["tar_at_far"]
+    }
+    return out
+
+
+def scalars(metrics: dict, prefix: str = "val") -> dict[str, float]:
+    """Flatten a `quality` dict into TensorBoard tags; `report` reads these names."""
+    out = {}
+    for key in (
+        "mean_cos",
+        "identity_baseline_cos",
+        "gain",
+        "oracle_cos",
+        "fraction_of_oracle_gap",
+        "impostor_cos",
+        "baseline_impostor_cos",
+        "loss",
+        "val_train_loss_ratio",
+    ):
+        if key in metrics and metrics[key] is not None:
+            out[f"{prefix}/{key}"] = float(metrics[key])
+    for bucket, entry in metrics.get("per_yaw", {}).items():
+        for k, v in entry.items():
+            if k != "n":
+                out[f"{prefix}_yaw/{bucket}/{k}"] = float(v)
+    for far, entry in metrics.get("tar_at_far", {}).items():
+        for k, v in entry.items():
+            out[f"{prefix}/tar_at_far_{far}/{k}"] = float(v)
+    return out
