@@ -132,3 +132,27 @@ def scalars(metrics: dict, prefix: str = "val") -> dict[str, float]:
         for k, v in entry.items():
             out[f"{prefix}/tar_at_far_{far}/{k}"] = float(v)
     return out
+
+
+# Training scalars the trainer writes to TensorBoard (x axis: optimizer step).
+# `report` reads exactly these names; counters are cumulative since step 0.
+TRAIN_TAGS = {
+    "loss": "train/loss",  # weighted total, mean over the log interval
+    "loss_mse": "train/loss_mse",  # unweighted MSE term
+    "loss_cos": "train/loss_cos",  # unweighted (1 - cos) term
+    "loss_contrastive": "train/loss_contrastive",  # unweighted InfoNCE term (when enabled)
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "loss_scale": "train/loss_scale",  # fp16 only
+    "samples_per_s": "train/samples_per_s",
+    "epoch": "train/epoch",  # fractional epoch at this step
+    "skipped_steps": "train/skipped_steps",  # fp16 overflow steps, cumulative
+    "nonfinite_steps": "train/nonfinite_steps",  # non-finite losses skipped, cumulative
+    "bad_samples": "train/bad_samples",  # corrupt/undecodable samples skipped by the loader, cumulative
+    "samples_seen": "train/samples_seen",
+}
+# Validation: `scalars(quality(...) | {"loss": ..., "val_train_loss_ratio": ...})`
+# gives val/mean_cos, val/identity_baseline_cos, val/gain, val/oracle_cos,
+# val/fraction_of_oracle_gap, val/impostor_cos, val/baseline_impostor_cos,
+# val/loss, val/val_train_loss_ratio, val_yaw/<bucket>/{cos,baseline,oracle},
+# val/tar_at_far_<far>/{pred,baseline}; plus "val/epoch" (the epoch evaluated).
