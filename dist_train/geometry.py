@@ -30,7 +30,10 @@ def normalize_keypoints(kps: torch.Tensor) -> torch.Tensor:
 
     Subtracts the centroid and divides by the RMS distance to it, so the result
     does not depend on where the face was in the image or how large it was.
+    Computed in float32 whatever the input dtype: squared pixel distances
+    overflow float16.
     """
+    kps = kps.float()
     centred = kps - kps.mean(dim=-2, keepdim=True)
     scale = centred.pow(2).sum(dim=-1).mean(dim=-1, keepdim=True).sqrt().unsqueeze(-1)
     return centred / scale.clamp_min(1e-6)
@@ -38,13 +41,13 @@ def normalize_keypoints(kps: torch.Tensor) -> torch.Tensor:
 
 def encode_pose(pose_deg: torch.Tensor) -> torch.Tensor:
     """(..., 3) pitch/yaw/roll in degrees -> (..., 6) sin and cos, continuous at ±180."""
-    rad = pose_deg * (math.pi / 180.0)
+    rad = pose_deg.float() * (math.pi / 180.0)
     return torch.cat([rad.sin(), rad.cos()], dim=-1)
 
 
 def dream_yaw_gate(pose_deg: torch.Tensor) -> torch.Tensor:
     """DREAM's fixed gate sigma(10(|yaw|/45 - 1)): ~0 for frontal faces, 0.5 at 45 deg, ~1 at profile."""
-    return torch.sigmoid(10.0 * (pose_deg[..., 1:2].abs() / 45.0 - 1.0))
+    return torch.sigmoid(10.0 * (pose_deg[..., 1:2].float().abs() / 45.0 - 1.0))
 
 
 @functools.lru_cache(maxsize=1)

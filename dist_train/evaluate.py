@@ -1,0 +1,200 @@
+"""Validation: the training-time callback and `dist-train eval`.
+
+Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
+collectively), predictions of real rows are gathered to rank 0, rank 0
+computes the metrics of `dist_train.metrics` and broadcasts them, so every
+rank takes the same early-stopping decision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_train.data.shards import ShardSet
+from dist_train.data.stream import eval_batches
+from dist_train.metrics import quality
+
+EVAL_FIELDS_BASE = ("src_emb", "src_kps", "src_pose", "tgt_emb", "identity")
+
+
+def eval_fields(shard_set: ShardSet, target: str = "sample") -> tuple[str, ...]:
+    extra = tuple(f for f in ("oracle_emb",) if shard_set.has(f))
+    if target == "centroid":
+        extra += ("tgt_centroid",)
+    return EVAL_FIELDS_BASE + extra
+
+
+def target_of(batch: dict, target: str) -> torch.Tensor:
+    """The training target: the frontal sample, or the identity's frontal centroid."""
+    return batch["tgt_centroid"] if target == "centroid" else batch["tgt_emb"]
+
+
+@torch.no_grad()
+def predict_split(
+    model,
+    shard_set: ShardSet,
+    split: str,
+    *,
+    batch_size: int,
+    device,
+    rank: int = 0,
+    world_size: int = 1,
+    loss_fn=None,
+    target: str = "sample",
+    max_samples: int | None = None,
+    autocast=None,
+) -> dict[str, np.ndarray]:
+    """This rank's real rows of the split with predictions (and per-row loss when ``loss_fn``)."""
+    was_training = model.training
+    model.eval()
+    cols: dict[str, list[np.ndarray]] = {}
+    seen = 0
+    for batch, valid in eval_batches(
+        shard_set, split, batch_size, rank, world_size, fields=eval_fields(shard_set, target)
+    ):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        ctx = autocast() if autocast else torch.autocast("cpu", enabled=False)
+        with ctx:
+            pred = model(batch["src_emb"], batch["src_kps"], batch["src_pose"])
+        pred = pred.float()
+        keep = valid.cpu().numpy()
+        if max_samples is not None:  # same cut on every rank keeps forward counts equal
+            room = max(0, max_samples // max(world_size, 1) - seen)
+            keep &= np.cumsum(keep) <= room
+        seen += int(keep.sum())
+        if loss_fn is not None:
+            # the batch loss over its real rows, repeated per row: gathering then averaging rows
+            # gives the sample-weighted mean whatever the split across ranks
+            k = torch.from_numpy(keep).to(pred.device)
+            loss = (
+                float(loss_fn(pred[k], target_of(batch, target).float()[k], batch["identity"][k])[0])
+                if keep.any()
+                else 0.0
+            )
+            cols.setdefault("loss", []).append(np.full(int(keep.sum()), loss))
+        cols.setdefault("pred", []).append(pred.cpu().numpy()[keep])
+        for k, v in batch.items():
+            cols.setdefault(k, []).append(v.float().cpu().numpy()[keep] if k != "identity" else v.cpu().numpy()[keep])
+    model.train(was_training)
+    return {k: np.concatenate(v) for k, v in cols.items()} if cols else {}
+
+
+def metrics_of(rows: dict[str, np.ndarray]) -> dict:
+    """`metrics.quality` on gathered rows, plus the mean validation loss when present."""
+    out = quality(
+        rows["pred"], rows["tgt_emb"], rows["src_emb"], rows["src_pose"][:, 1], rows["identity"], rows.get("oracle_emb")
+    )
+    if "loss" in rows:
+        out["loss"] = float(rows["loss"].mean()) if len(rows["loss"]) else float("nan")
+    return out
+
+
+class Evaluator:
+    """Training-time validation callback; owns its schedule (`due`) and its metrics JSON files."""
+
+    def __init__(self, cfg, runtime, shard_set: ShardSet, split: str, batch_size: int, target: str, run_dir: Path):
+        self.cfg = cfg  # config.EvalConfig
+        self.rt = runtime
+        self.shard_set = shard_set
+        self.split = split
+        self.batch_size = batch_size
+        self.target = target
+        self.out_dir = Path(run_dir) / "metrics"
+
+    def due(self, step: int, epoch_end: bool) -> bool:
+        every = self.cfg.eval_every_steps
+        return epoch_end or (every > 0 and step % every == 0)
+
+    def run(self, model, loss_fn, step: int, epoch: float, train_loss: float | None) -> dict:
+        """Collective. Returns the same metrics dict on every rank."""
+        import torch.distributed as dist
+
+        acc = self.rt.accelerator
+        rows = predict_split(
+            model,
+            self.shard_set,
+            self.split,
+            batch_size=self.batch_size,
+            device=acc.device,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            loss_fn=loss_fn,
+            target=self.target,
+            max_samples=self.cfg.eval_max_samples,
+            autocast=acc.autocast if self.rt.precision != "fp32" else None,
+        )
+        if acc.num_processes > 1:
+            gathered = [None] * acc.num_processes if acc.is_main_process else None
+            dist.gather_object(rows, gathered, dst=0)
+            if acc.is_main_process:
+                rows = {k: np.concatenate([g[k] for g in gathered if g]) for k in rows}
+        result = [None]
+        if acc.is_main_process:
+            m = metrics_of(rows)
+            m.update(step=step, epoch=epoch, train_loss=train_loss)
+            m["val_train_loss_ratio"] = (
+                m["loss"] / train_loss if train_loss and train_loss > 0 and math.isfinite(train_loss) else None
+            )
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / f"eval-step{step:08d}.json").write_text(json.dumps(m, indent=2) + "\n")
+            result[0] = m
+        if acc.num_processes > 1:
+            dist.broadcast_object_list(result, src=0)
+        return result[0]
+
+
+def load_model(path: str | Path):
+    """A model in eval mode, fp32, from any checkpoint or consolidated file."""
+    from dist_train.checkpoint import consolidate_checkpoint
+    from dist_train.model import build_model
+
+    sd, cfg = consolidate_checkpoint(path)
+    model = build_model(cfg.model)
+    model.load_state_dict(sd)
+    return model.eval(), cfg
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="dist-train eval", description="Validation metrics of a checkpoint on a split.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir (any ZeRO stage / DDP) or consolidated file")
+    p.add_argument("--shards", required=True, help="shard set directory")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("--predictions", default=None, help="also write predictions (.npy, row order of the split)")
+    args = p.parse_args(argv)
+    try:
+        shard_set = ShardSet.open(args.shards)
+        shard_set.split(args.split)
+        model, cfg = load_model(args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dist-train eval: error: {e}", file=sys.stderr)
+        return 2
+    rows = predict_split(model, shard_set, args.split, batch_size=args.batch_size, device="cpu")
+    m = metrics_of(rows)
+    summary = {
+        k: m[k]
+        for k in (
+            "n",
+            "mean_cos",
+            "identity_baseline_cos",
+            "gain",
+            "oracle_cos",
+            "fraction_of_oracle_gap",
+            "impostor_cos",
+        )
+        if k in m
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(m, indent=2) + "\n")
+    if args.predictions:
+        np.save(args.predictions, rows["pred"].astype(np.float32))
+    return 0

@@ -1,0 +1,169 @@
+"""Configuration: presets, the design notes' flags, and rejection of invalid input before work starts."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_train import config
+from dist_train.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The design notes' scheme-1 command line, verbatim flags.
+SCHEME_1 = (
+    "--batch_size 32 --epochs 150 --lr 1e-4 --warmup_epochs 10 --warmup_lr 1e-6 --scheduler_type cosine "
+    "--cosine_eta_min 1e-5 --weight_decay 1e-4 --dropout 0.15 --mse_weight 0.1 --cosine_weight 0.9 "
+    "--use_mixed_precision --early_stopping_patience 20 --early_stopping_min_delta 1e-4"
+).split()
+SCHEME_2 = "--d_model 768 --dim_feedforward 3072 --num_layers 6 --dropout 0.2 --nhead 8".split()
+
+
+def parse(argv, data_dir=None):
+    p = argparse.ArgumentParser()
+    config.add_arguments(p)
+    args = p.parse_args(argv + (["--data_dir", str(data_dir)] if data_dir else ["--data_dir", "null"]))
+    return config.from_args(args)
+
+
+def test_design_notes_flags_parse_verbatim():
+    cfg = parse(SCHEME_1 + SCHEME_2 + "--output_dir o --max_steps 5 --seed 3 --resume latest".split())
+    assert cfg.loss.mse_weight == 0.1 and cfg.loss.cosine_weight == 0.9
+    assert cfg.optim.warmup_epochs == 10 and cfg.optim.cosine_eta_min == 1e-5 and cfg.optim.warmup_lr == 1e-6
+    assert cfg.train.use_mixed_precision is True and cfg.train.epochs == 150
+    assert cfg.model.d_model == 768 and cfg.model.num_layers == 6 and cfg.model.dim_feedforward == 3072
+    assert cfg.train.max_steps == 5 and cfg.train.seed == 3 and cfg.train.resume == "latest"
+    assert cfg.train.gradient_accumulation_steps == 1
+
+
+@pytest.mark.parametrize(
+    "preset,checks",
+    [
+        (
+            "base",
+            {
+                "d_model": 512,
+                "dim_feedforward": 2048,
+                "num_layers": 4,
+                "nhead": 8,
+                "dropout": 0.15,
+                "batch_size": 32,
+                "lr": 1e-4,
+                "warmup_epochs": 5,
+                "warmup_lr": 1e-6,
+                "cosine_eta_min": 1e-6,
+                "weight_decay": 1e-4,
+                "mse_weight": 0.2,
+                "cosine_weight": 0.8,
+                "epochs": 100,
+                "early_stopping_patience": 20,
+                "early_stopping_min_delta": 1e-4,
+                "use_mixed_precision": True,
+            },
+        ),
+        (
+            "plan1-loss",
+            {
+                "mse_weight": 0.1,
+                "cosine_weight": 0.9,
+                "warmup_epochs": 10,
+                "epochs": 150,
+                "cosine_eta_min": 1e-5,
+                "batch_size": 32,
+                "d_model": 512,
+            },
+        ),
+        (
+            "plan2-capacity",
+            {
+                "d_model": 768,
+                "dim_feedforward": 3072,
+                "num_layers": 6,
+                "dropout": 0.2,
+                "mse_weight": 0.1,
+                "epochs": 150,
+                "early_stopping_patience": 20,
+            },
+        ),
+        (
+            "plan3-batch",
+            {"batch_size": 64, "epochs": 200, "early_stopping_patience": 25, "d_model": 512, "cosine_eta_min": 1e-5},
+        ),
+        ("xl", {"d_model": 768, "num_layers": 8, "nhead": 16, "batch_size": 128}),
+        ("debug-cpu", {"use_mixed_precision": False}),
+    ],
+)
+def test_presets_match_the_design_notes(preset, checks):
+    values = config.load_yaml(preset)
+    values["data_dir"] = None
+    cfg = config.build(values)
+    for key, want in checks.items():
+        sec, _ = config.FLAT[key]
+        assert getattr(getattr(cfg, sec), key) == want, (preset, key)
+
+
+@pytest.mark.parametrize(
+    "argv,fragments",
+    [
+        (["--d_model", "500", "--nhead", "8"], ["d_model", "500", "divisible by nhead"]),
+        (["--batch_size", "0"], ["batch_size", "0", "positive"]),
+        (["--num_layers", "-2"], ["num_layers", "-2", "positive"]),
+        (["--lr", "fast"], ["lr", "'fast'", "a number"]),
+        (["--epochs", "2.5"], ["epochs", "2.5", "integer"]),
+        (["--warmup_epochs", "100", "--epochs", "100"], ["warmup_epochs", "100", "smaller than epochs"]),
+        (["--mse_weight", "0", "--cosine_weight", "0"], ["all zero"]),
+        (["--scheduler_type", "linear"], ["scheduler_type", "'linear'", "'cosine'", "'cosine_restarts'"]),
+        (["--use_mixed_precision", "maybe"], ["use_mixed_precision", "true or false"]),
+        (["--dropout", "1.5"], ["dropout", "[0, 1)"]),
+    ],
+)
+def test_invalid_values_name_key_value_and_allowed(argv, fragments):
+    with pytest.raises(ConfigError) as e:
+        parse(argv)
+    for f in fragments:
+        assert f in str(e.value), (f, str(e.value))
+
+
+def test_unknown_yaml_keys_and_bad_types(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_modle: 768\n")
+    with pytest.raises(ConfigError, match=r"unknown key model.d_modle; allowed in model: \[.*'d_model'"):
+        config.load_yaml(bad)
+    bad.write_text("optimizer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'optimizer'"):
+        config.load_yaml(bad)
+    bad.write_text("base: base\ntrain:\n  batch_size: [32]\n")
+    with pytest.raises(ConfigError, match=r"batch_size: \[32\] is not valid; expected an integer"):
+        config.build(config.load_yaml(bad))
+    with pytest.raises(ConfigError, match="not found: give a YAML file path or one of the presets"):
+        config.load_yaml("no-such-preset")
+
+
+def test_data_dir_without_shard_set_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"data_dir: .* holds no shard set \(no index.json\); create one with"):
+        parse([], data_dir=tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse([], data_dir=tmp_path / "missing")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = parse(SCHEME_1 + ["--d_model", "256", "--nhead", "4"])
+    path = cfg.save(tmp_path)
+    assert yaml.safe_load(path.read_text())["model"]["d_model"] == 256
+    assert config.load_run_config(tmp_path) == cfg
+
+
+def test_cli_rejects_before_starting(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "dist_train", "train", "--d_model", "100", "--nhead", "3"]
+        + ["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert r.returncode == 2
+    assert "d_model: 100 is not allowed; must be divisible by nhead (3)" in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing is created before validation
