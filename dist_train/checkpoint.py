@@ -34,21 +34,25 @@ STATE_FILE = "trainer_state.json"
 CONSOLIDATED = "model.safetensors"
 
 # Globals that pickled checkpoint files (DeepSpeed engine/optimizer states,
-# Accelerate's RNG states) may reference: containers, numpy/torch data types,
-# DeepSpeed's plain records. Anything else is refused rather than unpickled.
-SAFE_GLOBAL_PREFIXES = (
-    "collections.",
-    "builtins.",
-    "numpy.",
-    "torch.",
-    "_codecs.encode",
-    "deepspeed.runtime.fp16.loss_scaler.",
-    "deepspeed.runtime.zero.config.",
-    "deepspeed.runtime.config.",
-    "deepspeed.utils.tensor_fragment.",
-    "deepspeed.checkpoint.",
-    "accelerate.utils.dataclasses.",
+# Accelerate's RNG states) reference beyond torch's own weights-only allowlist:
+# numpy array reconstruction and DeepSpeed's plain records. Anything else is
+# refused rather than unpickled (`get_unsafe_globals_in_checkpoint` lists them
+# without executing anything).
+SAFE_GLOBALS = frozenset(
+    {
+        "numpy.dtype",
+        "numpy.ndarray",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray.scalar",
+        "numpy.core.multiarray.scalar",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
 )
+SAFE_GLOBAL_PREFIXES = ("numpy.dtypes.",)  # numpy's dtype classes (numpy.dtypes.Float32DType, ...)
 
 
 @dataclass
@@ -94,7 +98,7 @@ def assert_data_only(path: str | Path) -> None:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
         except Exception as e:
             raise ValueError(f"checkpoint file {f} cannot be read as a torch archive ({e}); not loading it") from e
-        bad = [n for n in names if not n.startswith(SAFE_GLOBAL_PREFIXES)]
+        bad = [n for n in names if n not in SAFE_GLOBALS and not n.startswith(SAFE_GLOBAL_PREFIXES)]
         if bad:
             raise ValueError(f"checkpoint file {f} references code objects {bad}; refusing to load it")
 

@@ -50,6 +50,7 @@ def predict_split(
     target: str = "sample",
     max_samples: int | None = None,
     autocast=None,
+    input_dtype: torch.dtype = torch.float32,
 ) -> dict[str, np.ndarray]:
     """This rank's real rows of the split with predictions (and per-row loss when ``loss_fn``)."""
     was_training = model.training
@@ -62,7 +63,7 @@ def predict_split(
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         ctx = autocast() if autocast else torch.autocast("cpu", enabled=False)
         with ctx:
-            pred = model(batch["src_emb"], batch["src_kps"], batch["src_pose"])
+            pred = model(batch["src_emb"].to(input_dtype), batch["src_kps"], batch["src_pose"])
         pred = pred.float()
         keep = valid.cpu().numpy()
         if max_samples is not None:  # same cut on every rank keeps forward counts equal
@@ -129,6 +130,7 @@ class Evaluator:
             target=self.target,
             max_samples=self.cfg.eval_max_samples,
             autocast=acc.autocast if self.rt.precision != "fp32" else None,
+            input_dtype=self.rt.input_dtype,
         )
         if acc.num_processes > 1:
             gathered = [None] * acc.num_processes if acc.is_main_process else None

@@ -156,3 +156,4 @@ TRAIN_TAGS = {
 # val/fraction_of_oracle_gap, val/impostor_cos, val/baseline_impostor_cos,
 # val/loss, val/val_train_loss_ratio, val_yaw/<bucket>/{cos,baseline,oracle},
 # val/tar_at_far_<far>/{pred,baseline}; plus "val/epoch" (the epoch evaluated).
+VAL_EPOCH_TAG = "val/epoch"  # the (fractional) epoch an evaluation was run at, logged beside scalars()

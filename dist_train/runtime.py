@@ -34,6 +34,13 @@ class Runtime:
     def world_size(self) -> int:
         return self.accelerator.num_processes
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """DeepSpeed fp16/bf16 keeps the module in half precision: its inputs must match."""
+        if self.deepspeed_stage is not None and self.precision != "fp32":
+            return torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.float32
+
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
@@ -123,11 +130,12 @@ def setup(cfg: Config) -> Runtime:
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     on_gpu = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "LOCAL_RANK" in os.environ  # under accelerate launch / torchrun, even with one process
     handlers = []
-    if not on_gpu:
+    if launched and not on_gpu:
         # Without it Accelerate picks no backend on CPU and every rank believes it is alone.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     plugin, stage = None, None
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
         ds, precision = deepspeed_config(cfg, world, on_gpu)

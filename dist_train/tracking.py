@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dist_train.metrics import TRAIN_TAGS, scalars
+from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
 
 
 class TrainLogger:
@@ -71,7 +71,7 @@ class TrainLogger:
             return
         for tag, v in scalars(metrics).items():
             self.writer.add_scalar(tag, v, step)
-        self.writer.add_scalar("val/epoch", metrics["epoch"], step)
+        self.writer.add_scalar(VAL_EPOCH_TAG, metrics["epoch"], step)
         self.writer.flush()
         gap = metrics.get("fraction_of_oracle_gap")
         self.print(

@@ -191,7 +191,7 @@ def train(cfg: Config) -> int:
                 group["lr"] = lr
             with acc.accumulate(model):
                 with acc.autocast():
-                    pred = model(batch["src_emb"], batch["src_kps"], batch["src_pose"])
+                    pred = model(batch["src_emb"].to(rt.input_dtype), batch["src_kps"], batch["src_pose"])
                 loss, terms = loss_fn(pred.float(), target_of(batch, cfg.data.target), batch["identity"])
                 if all_ranks_finite(loss, rt):
                     acc.backward(loss)
