@@ -8,6 +8,7 @@ graph and the inference API cannot disagree about them.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 import pickle
@@ -53,9 +54,9 @@ def dream_yaw_gate(pose_deg: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=1)
 def mean_shape() -> np.ndarray:
     """InsightFace's 68-point 3D mean face (68, 3), y down, the reference of ``face.pose``."""
-    import insightface
-
-    path = os.path.join(os.path.dirname(insightface.__file__), "data", "objects", "meanshape_68.pkl")
+    # find_spec locates the installed package without running its __init__ (seconds of imports)
+    package_dir = importlib.util.find_spec("insightface").submodule_search_locations[0]
+    path = os.path.join(package_dir, "data", "objects", "meanshape_68.pkl")
     with open(path, "rb") as f:  # a file of the installed package, not user data
         return np.asarray(pickle.load(f), dtype=np.float64)
 
