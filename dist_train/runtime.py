@@ -148,6 +148,9 @@ def setup(cfg: Config) -> Runtime:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         deepspeed_plugin=plugin,
         kwargs_handlers=handlers,
+        # without cpu=True a CPU DDP launch reports DistributedType.NO: no DDP wrapper, no gradient averaging
+        # (DeepSpeed must not get it: Accelerator(cpu=True) disables DeepSpeed)
+        cpu=not on_gpu and plugin is None,
         step_scheduler_with_optimizer=False,
     )
     return Runtime(acc, precision, stage)
