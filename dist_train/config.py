@@ -50,7 +50,7 @@ class ModelConfig:
     emb_tokens: Literal["whole", "chunked"] = "whole"
     emb_chunks: int = 16
     landmark_tokens: Literal["one", "parts", "points"] = "parts"
-    residual_mlp: bool = False
+    residual_mlp: bool = True  # residual head that also sees src_emb (see model.ResidualHead)
     gate: Literal["learned", "yaw", "none"] = "learned"
 
 
