@@ -31,8 +31,11 @@ class TrainLogger:
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
 
-            # purge_step hides points a crashed run wrote after the checkpoint we resume from
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step or None, flush_secs=30)
+            # purge_step hides points a crashed run wrote after the checkpoint we resume from; TensorBoard
+            # drops steps >= purge_step, and the checkpoint's own step was logged before it was saved
+            self.writer = SummaryWriter(
+                str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None, flush_secs=30
+            )
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=2.0)
 
     def step(self, step: int, values: dict[str, float], counters: dict[str, float]) -> None:

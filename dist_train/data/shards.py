@@ -79,7 +79,7 @@ def write_split(
             break
         name = f"{split}-{shard_no:06d}.tar"
         tmp = out / (name + ".tmp")
-        with wds.TarWriter(str(tmp), encoder=False) as sink:
+        with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:  # fixed mtime: same arrays, same bytes
             for b0 in range(start, stop, block_size):
                 b1 = min(b0 + block_size, stop)
                 sample = {"__key__": f"b{b0 // block_size:06d}"}
