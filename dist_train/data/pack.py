@@ -17,7 +17,7 @@ import numpy as np
 
 from dist_train import __version__
 from dist_train.data.schema import DEFAULT_BLOCK_SIZE, EMBEDDING_FIELDS, FIELDS, REQUIRED
-from dist_train.data.shards import DEFAULT_SHARD_SAMPLES, INDEX_NAME, write_shard_set
+from dist_train.data.shards import DEFAULT_SHARD_SAMPLES, INDEX_NAME, add_layout_arguments, write_shard_set
 
 # Each skipped row is counted once, under the first reason that applies, so the
 # counts add up to the number of rows skipped.
@@ -257,15 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--npz", help="an .npz holding src_emb, src_kps, src_pose, tgt_emb, identity [, tgt_centroid]")
     src.add_argument("--npy-dir", help="a directory holding NAME.npy for the same arrays")
-    p.add_argument("--out", required=True, help="new shard set directory")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of identities held out for val")
-    p.add_argument("--test-fraction", type=float, default=0.0, help="share of identities held out for test")
     p.add_argument("--seed", type=int, default=0, help="seed of the identity split and row shuffle")
     p.add_argument("--strict", action="store_true", help="refuse bad rows instead of skipping and counting them")
-    p.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per tar file")
-    p.add_argument(
-        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="samples per tar member (divides --shard-samples)"
-    )
+    add_layout_arguments(p)
     return p
 
 

@@ -205,6 +205,17 @@ def _load_npy(value: bytes) -> np.ndarray:
     return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
 
 
+def add_layout_arguments(parser) -> None:
+    """The shard-set layout options shared by the commands that write one (synth, pack)."""
+    parser.add_argument("--out", required=True, help="new shard set directory")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of identities held out for val")
+    parser.add_argument("--test-fraction", type=float, default=0.0, help="share of identities held out for test")
+    parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per tar file")
+    parser.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="samples per tar member (divides --shard-samples)"
+    )
+
+
 def decode_block(sample: dict, *, storage: bool = False) -> dict[str, np.ndarray]:
     """Decode one tar sample (``{"src_emb.npy": bytes, ...}``) into float32/int64 arrays.
 

@@ -25,7 +25,7 @@ import numpy as np
 from dist_train import __version__
 from dist_train.data.pack import PackError, ensure_new_output_dir, split_by_identity
 from dist_train.data.schema import DEFAULT_BLOCK_SIZE, EMB_DIM, FIELDS, YAW_BUCKETS, yaw_bucket_index
-from dist_train.data.shards import DEFAULT_SHARD_SAMPLES, write_shard_set
+from dist_train.data.shards import DEFAULT_SHARD_SAMPLES, add_layout_arguments, write_shard_set
 from dist_train.geometry import mean_shape, rotation_matrices
 from dist_train.metrics import row_cos
 
@@ -268,16 +268,10 @@ def format_summary(out: Path, summary: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     d = SynthParams()
     p = argparse.ArgumentParser(prog="dist-train synth", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="new shard set directory")
     p.add_argument("--n-identities", type=int, default=d.n_identities)
     p.add_argument("--samples-per-identity", type=int, default=d.samples_per_identity)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of identities held out for val")
-    p.add_argument("--test-fraction", type=float, default=0.0, help="share of identities held out for test")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per tar file")
-    p.add_argument(
-        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="samples per tar member (divides --shard-samples)"
-    )
+    add_layout_arguments(p)
     return p
 
 
