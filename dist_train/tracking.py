@@ -85,6 +85,10 @@ class TrainLogger:
             f"val loss {metrics.get('loss', float('nan')):.4f}"
         )
 
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
     def print(self, msg: str) -> None:
         if self.is_main:
             (self.bar.write if self.bar else print)(msg)

@@ -160,7 +160,9 @@ def train(cfg: Config) -> int:
         world_size=rt.world_size,
         batches_per_epoch=plan.batches_per_epoch,
         resampled=cfg.data.resampled,
-        seed=cfg.train.seed + 7919 * state.step,  # a resumed run draws fresh data, not a replay
+        # resuming mid-epoch draws fresh data rather than replaying the epoch's start; at an epoch
+        # boundary the (seed, epoch) stream is the one the uninterrupted run would have read
+        seed=cfg.train.seed + (7919 * state.step if state.step % spe else 0),
         shuffle_blocks=cfg.data.shuffle_blocks,
         num_workers=cfg.data.num_workers,
         fields=fields,
@@ -244,7 +246,8 @@ def train(cfg: Config) -> int:
             elif stop.agreed():
                 outcome = "preempted"
             final = outcome != "finished" or state.step >= total_steps
-            checkpointer.maybe_save(state, epoch_end=epoch_end, force=final)
+            if checkpointer.maybe_save(state, epoch_end=epoch_end, force=final):
+                logger.flush()  # the curve up to a checkpoint survives a crash after it
             if final or epoch_end:
                 break
         epoch += 1

@@ -45,10 +45,10 @@ RUN_ENV = {"OMP_NUM_THREADS": "1"}
 # A tiny model that learns the synthetic distortion within tens of steps (constant lr, no warmup), so
 # "the loss falls" holds with a wide margin; evaluations are capped to keep runs short.
 FAST_TRAIN_FLAGS = [
-    "--config", "debug-cpu", "--num_workers", "0", "--batch_size", "32", "--eval_max_samples", "256",
+    "--config", "debug-cpu", "--num_workers", "0", "--batch_size", "64", "--eval_max_samples", "256",
     "--d_model", "32", "--nhead", "2", "--num_layers", "1", "--dim_feedforward", "64",
     "--residual_mlp", "true", "--gate", "none",
-    "--lr", "3e-3", "--warmup_epochs", "0", "--scheduler_type", "constant", "--log_every_steps", "10",
+    "--lr", "6e-3", "--warmup_epochs", "0", "--scheduler_type", "constant", "--log_every_steps", "10",
 ]  # fmt: skip
 ZERO_RUN_STEPS, ZERO_RUN_EVERY = 60, 20  # steps of the shared ZeRO runs; checkpoint and evaluation interval
 
@@ -102,17 +102,25 @@ class TrainRun:
 
 
 @pytest.fixture(scope="session")
-def zero_runs(small_shards, tmp_path_factory) -> dict[int, TrainRun]:
+def demo_shards() -> Path:
+    """The committed demo shard set (read-only), the data the design notes' commands are run on here."""
+    path = REPO / "shards" / "demo"
+    assert (path / "index.json").is_file(), f"{path} is missing; make it with the command in shards/README.md"
+    return path
+
+
+@pytest.fixture(scope="session")
+def zero_runs(demo_shards, tmp_path_factory) -> dict[int, TrainRun]:
     """2-process DeepSpeed ZeRO-2 and ZeRO-3 (bf16) runs of ZERO_RUN_STEPS steps, running concurrently.
 
     Shared by the training tests (loss, ranks, checkpoints, resume reference) and the export tests;
     call ``finish()`` before using a run's files.
     """
     tmp = tmp_path_factory.mktemp("zero_runs")
-    flags = [*FAST_TRAIN_FLAGS, "--data_dir", str(small_shards), "--max_steps", str(ZERO_RUN_STEPS)]
+    flags = [*FAST_TRAIN_FLAGS, "--data_dir", str(demo_shards), "--max_steps", str(ZERO_RUN_STEPS)]
     flags += ["--save_every_steps", str(ZERO_RUN_EVERY), "--eval_every_steps", str(ZERO_RUN_EVERY)]
-    # epochs of ZERO_RUN_EVERY steps (global batch 2 x 32), so epoch ends add no checkpoints in between
-    flags += ["--samples_per_epoch", str(ZERO_RUN_EVERY * 2 * 32)]
+    # epochs of ZERO_RUN_EVERY steps (global batch 2 x 64), so epoch ends add no checkpoints in between
+    flags += ["--samples_per_epoch", str(ZERO_RUN_EVERY * 2 * 64)]
     runs = {
         stage: TrainRun(tmp, f"zero{stage}", flags, ["--config_file", f"launch/accelerate/cpu/zero{stage}-bf16.yaml"])
         for stage in (2, 3)
