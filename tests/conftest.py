@@ -83,7 +83,7 @@ class TrainRun:
         except subprocess.TimeoutExpired:
             self.kill()
             raise
-        return rc, self.log_path.read_text()
+        return rc, self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
         """SIGKILL the launcher and every rank at once, as a node failure would.

@@ -154,7 +154,7 @@ class Launch:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise
-        return rc, self.log.read_text()
+        return rc, self.log.read_text(errors="replace")
 
 
 def kill_one_rank_after_first_checkpoint(launch: Launch, result: dict) -> None:

@@ -109,7 +109,7 @@ class Job:
         self.id = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
 
     def text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def finish(self) -> dict[str, str]:
         info = self.cluster.wait_done(self.id)
@@ -323,7 +323,7 @@ def run_with_stubs(tmp_path: Path, script: str, args: list[str], env: dict) -> t
         env["STUB_LISTEN_PORT"] = str(head.getsockname()[1])
         cmd = ["bash", str(SLURM_DIR / script), *args]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    return proc, log.read_text() if log.exists() else ""
+    return proc, log.read_text(errors="replace") if log.exists() else ""
 
 
 def test_multinode_script_gives_each_node_its_rank_and_the_head_address(tmp_path, small_shards):
