@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -361,3 +364,24 @@ def test_deepspeed_json_micro_batch_that_disagrees_with_batch_size_is_refused(ru
     ), log[-3000:]
     assert 'set "train_micro_batch_size_per_gpu": "auto"' in log
     assert not (run.run_dir / "config.yaml").exists()
+
+
+def test_diverging_run_stops_after_max_bad_steps_with_a_checkpoint(demo_shards, tmp_path):
+    """Non-finite losses skip steps; `max_bad_steps` of them in a row stop the run, exit 3, checkpoint kept."""
+    out = tmp_path / "div"
+    flags = "--lr 1e12 --warmup_epochs 0 --cosine_eta_min 0 --grad_clip 0 --max_bad_steps 3 --max_steps 60"
+    r = subprocess.run(
+        [sys.executable, "-m", "dist_train", "train", "--config", "debug-cpu", "--data_dir", str(demo_shards)]
+        + ["--output_dir", str(out), "--num_workers", "0", *flags.split()],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 3, r.stderr[-2000:]
+    msg = re.search(r"error: 3 consecutive non-finite losses at step (\d+); checkpoint saved", r.stdout)
+    assert msg, r.stdout[-2000:]
+    step = int(msg.group(1))
+    assert step < 60 and (out / CKPT_DIR / step_dir_name(step) / COMPLETE).is_file()
+    assert not (out / DONE).exists()
+    assert json.loads((out / CKPT_DIR / step_dir_name(step) / STATE_FILE).read_text())["nonfinite_steps"] >= 3
