@@ -24,11 +24,14 @@ from dist_train.metrics import quality
 EVAL_FIELDS_BASE = ("src_emb", "src_kps", "src_pose", "tgt_emb", "identity")
 
 
+def train_fields(target: str = "sample") -> tuple[str, ...]:
+    """What a training step reads: the inputs, the target and the identity (for the contrastive term)."""
+    return EVAL_FIELDS_BASE + (("tgt_centroid",) if target == "centroid" else ())
+
+
 def eval_fields(shard_set: ShardSet, target: str = "sample") -> tuple[str, ...]:
-    extra = tuple(f for f in ("oracle_emb",) if shard_set.has(f))
-    if target == "centroid":
-        extra += ("tgt_centroid",)
-    return EVAL_FIELDS_BASE + extra
+    """Training's fields plus the oracle, when the shard set has one, for the ceiling metrics."""
+    return train_fields(target) + tuple(f for f in ("oracle_emb",) if shard_set.has(f))
 
 
 def target_of(batch: dict, target: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dist_train.checkpoint import Checkpointer, TrainState
 from dist_train.config import Config, ConfigError
 from dist_train.data.shards import ShardSet, ShardSetError
 from dist_train.data.stream import TrainStream, check_exact_epoch
-from dist_train.evaluate import Evaluator, eval_fields, target_of
+from dist_train.evaluate import Evaluator, target_of, train_fields
 from dist_train.losses import FrontalLoss
 from dist_train.model import build_model
 from dist_train.preemption import StopRequest
@@ -151,7 +151,6 @@ def train(cfg: Config) -> int:
     stop = StopRequest(run_dir, acc)
     evaluator = Evaluator(cfg.eval, rt, shard_set, cfg.data.val_split, cfg.train.batch_size, cfg.data.target, run_dir)
     logger = TrainLogger(cfg.log, run_dir, acc.is_main_process, state.step, total_steps, plan.global_batch)
-    fields = eval_fields(shard_set, cfg.data.target)
     stream = TrainStream(
         shard_set,
         split=cfg.data.train_split,
@@ -165,7 +164,7 @@ def train(cfg: Config) -> int:
         seed=cfg.train.seed + (7919 * state.step if state.step % spe else 0),
         shuffle_blocks=cfg.data.shuffle_blocks,
         num_workers=cfg.data.num_workers,
-        fields=fields,
+        fields=train_fields(cfg.data.target),  # no oracle: training never reads it
     )
     print(
         f"[rank {rt.rank}/{rt.world_size}] device {acc.device}, {rt.precision}, "
