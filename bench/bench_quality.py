@@ -18,10 +18,12 @@ gap closed, cos per |yaw| bucket and the impostor cos (different identities).
   config's loss, optimizer and schedule in a plain loop;
 - transformer, transformer-chunked, transformer-points: dist-train's own trainer
   (`train.train`, the --config preset) with the default tokens, `--emb_tokens
-  chunked` and `--landmark_tokens points`; its best checkpoint (chosen on val) is scored.
+  chunked` and `--landmark_tokens points`, without early stopping (the run length is the
+  budget); its best checkpoint (chosen on val) is scored.
 
 Each trained method gets the same CPU-time budget (this process and its loader
-workers): its step count is set from a short calibration so the learning-rate
+workers): its step count is set from a short calibration (the median CPU time per step over
+5 chunks of 8 steps, plus the trainer's measured overhead) so the learning-rate
 schedule ends inside the budget. The CPU seconds each method really used are
 printed beside its figures.
 """
@@ -32,6 +34,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -64,7 +67,8 @@ TRANSFORMERS = {
 }
 METHODS = ("identity", "ridge", "dream-mlp", *TRANSFORMERS)
 RIDGE_LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
-CALIBRATION_STEPS = 20
+CALIBRATION = (5, 8)  # chunks, steps per chunk: the median CPU time per step over 5 chunks of 8 steps
+TINY_CALIBRATION = (1, 2)
 # CPU seconds per step the trainer adds to the bare loop's (loader worker, per-step bookkeeping,
 # per-epoch evaluation and checkpoint), measured with debug-cpu on the 2-core machine (BENCHMARKS.md).
 TRAINER_STEP_OVERHEAD_S = 0.025
@@ -103,6 +107,17 @@ def predict(model: nn.Module, arrays: dict[str, np.ndarray], batch: int = 1024) 
     return np.concatenate(out)
 
 
+def per_step_cpu(run_steps: Callable[[int], None], calibration: tuple[int, int]) -> float:
+    """CPU seconds per step: the median over a few chunks, so a burst of other load in one chunk does not count."""
+    chunks, size = calibration
+    times = []
+    for _ in range(chunks):
+        start = cpu_seconds()
+        run_steps(size)
+        times.append((cpu_seconds() - start) / size)
+    return statistics.median(times)
+
+
 def fit_ridge(train: dict, val: dict, test: dict) -> tuple[np.ndarray, str]:
     """Closed-form ridge regression of the correction tgt - src on [src_emb, 1]; lambda by val mean cos.
 
@@ -138,7 +153,9 @@ class DreamMLP(nn.Module):
         return F.normalize(src_emb + dream_yaw_gate(src_pose) * self.residual(src_emb), dim=-1)
 
 
-def fit_dream(cfg: config_mod.Config, train: dict, val: dict, test: dict, budget_s: float) -> tuple[np.ndarray, str]:
+def fit_dream(
+    cfg: config_mod.Config, train: dict, val: dict, test: dict, budget_s: float, calibration: tuple[int, int]
+) -> tuple[np.ndarray, str]:
     """The config's loss, AdamW, clipping and warmup + cosine schedule, sized to the CPU budget.
 
     Like the trainer, it validates at each epoch end and keeps the best weights on val.
@@ -161,13 +178,17 @@ def fit_dream(cfg: config_mod.Config, train: dict, val: dict, test: dict, budget
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    start = cpu_seconds()
-    for i in range(CALIBRATION_STEPS):  # warmup-rate steps: they start the run rather than waste it
-        step(i, 10**9)
-    per_step = (cpu_seconds() - start) / CALIBRATION_STEPS
-    total = max(CALIBRATION_STEPS + 1, int(budget_s / per_step))
+    done = 0
+
+    def run_steps(n: int) -> None:  # calibration steps run at the warmup rate: they start the run
+        nonlocal done
+        for _ in range(n):
+            step(done, 10**9)
+            done += 1
+
+    total = max(done + 1, int(budget_s / per_step_cpu(run_steps, calibration)))
     best = (-math.inf, 0, None)
-    for i in range(CALIBRATION_STEPS, total):
+    for i in range(done, total):
         step(i, total)
         if (i + 1) % steps_per_epoch == 0 or i + 1 == total:
             score = mean_cos(predict(model, val), val["tgt_emb"])
@@ -177,20 +198,28 @@ def fit_dream(cfg: config_mod.Config, train: dict, val: dict, test: dict, budget
     return predict(model, test), f"{total} steps, best at {best[1]} (val cos {best[0]:.4f})"
 
 
-def trainer_steps(cfg: config_mod.Config, train: dict, budget_s: float) -> int:
+def trainer_steps(cfg: config_mod.Config, train: dict, budget_s: float, calibration: tuple[int, int]) -> int:
     """Optimizer steps of this model that fit the budget: a bare-loop calibration plus the trainer's overhead."""
     loop = BareLoop(cfg)
     batches = memory_batches(train, cfg.train.batch_size, cfg.train.seed)
     loop.step(next(batches))
-    start = cpu_seconds()
-    for _ in range(CALIBRATION_STEPS):
-        loop.step(next(batches))
-    per_step = (cpu_seconds() - start) / CALIBRATION_STEPS + TRAINER_STEP_OVERHEAD_S
-    return max(2, int(budget_s / per_step))
+
+    def run_steps(n: int) -> None:
+        for _ in range(n):
+            loop.step(next(batches))
+
+    return max(2, int(budget_s / (per_step_cpu(run_steps, calibration) + TRAINER_STEP_OVERHEAD_S)))
 
 
 def fit_transformer(
-    preset: str, overrides: dict, data_dir: Path, run_dir: Path, train: dict, test: dict, budget_s: float
+    preset: str,
+    overrides: dict,
+    data_dir: Path,
+    run_dir: Path,
+    train: dict,
+    test: dict,
+    budget_s: float,
+    calibration: tuple[int, int],
 ) -> tuple[np.ndarray, str]:
     """dist-train's own loop (`train.train`), stopped by step count; its best checkpoint (on val) predicts."""
     from dist_train.checkpoint import BEST_DIR, CONSOLIDATED, load_consolidated
@@ -198,9 +227,11 @@ def fit_transformer(
     from dist_train.train import DONE
     from dist_train.train import train as run_training
 
-    values = config_mod.load_yaml(preset) | {"data_dir": str(data_dir), "output_dir": str(run_dir)} | overrides
+    # no early stop: like every method it uses its whole budget, and its best checkpoint on val is scored
+    run = {"data_dir": str(data_dir), "output_dir": str(run_dir), "early_stopping_patience": 0}
+    values = config_mod.load_yaml(preset) | run | overrides
     cfg = config_mod.build(values)
-    steps = trainer_steps(cfg, train, budget_s)
+    steps = trainer_steps(cfg, train, budget_s, calibration)
     steps_per_epoch = max(1, len(train["identity"]) // cfg.train.batch_size)
     values |= {"max_steps": steps, "epochs": max(cfg.train.epochs, math.ceil(steps / steps_per_epoch) + 1)}
     cfg = config_mod.build(values)
@@ -272,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     samples_per_identity = 16
     if args.tiny:
         args.n_identities, samples_per_identity, args.budget_cpu_s = 80, 8, 1.0
+    calibration = TINY_CALIBRATION if args.tiny else CALIBRATION
     torch.set_num_threads(args.threads)
     print(versions())
     print(
@@ -286,11 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         fits = {
             "identity": lambda: (test["src_emb"], "no training"),
             "ridge": lambda: fit_ridge(train, val, test),
-            "dream-mlp": lambda: fit_dream(cfg, train, val, test, args.budget_cpu_s),
+            "dream-mlp": lambda: fit_dream(cfg, train, val, test, args.budget_cpu_s, calibration),
         }
         for name, overrides in TRANSFORMERS.items():
             fits[name] = lambda n=name, o=overrides: fit_transformer(
-                args.config, o, shard_set.root, tmp / n, train, test, args.budget_cpu_s
+                args.config, o, shard_set.root, tmp / n, train, test, args.budget_cpu_s, calibration
             )
         results = []
         for name in methods:

@@ -16,13 +16,12 @@ its TensorBoard ``train/samples_per_s`` points, for the bare loops over the same
 Steps per CPU-second is the busy-machine-proof figure: the CPU time (this process and its
 loader workers) of a run of ``--steps`` minus that of a run of 2 x ``log_every`` steps, per
 extra step, so start-up, the final evaluation and checkpoint cancel out (one untimed short
-run per loop first takes the one-time costs). The loops run
-interleaved, in a rotating order, repeat by repeat; each ratio is the median of the
-per-repeat ratios. The gaps bare -> bare + TrainStream -> dist-train say where dist-train's
+run per loop first takes the one-time costs). The loops run interleaved, in a rotating order,
+repeat by repeat; each ratio is the median of the per-repeat ratios. The gaps bare -> bare + TrainStream -> dist-train say where dist-train's
 overhead goes.
 
 Other benchmarks and bench/gpu_check.sh import `versions`, `bench_config`, `make_synth`,
-`tb_steps_per_s` and `train_flops_per_sample` from here.
+`tb_steps_per_s`, `random_inputs` and `train_flops_per_sample` from here.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from dist_train import config as config_mod
+from dist_train.data.schema import EMB_DIM, N_LANDMARKS
 from dist_train.data.shards import ShardSet, read_split
 from dist_train.data.stream import TrainStream
 from dist_train.data.synth import SynthParams, make_shard_set
@@ -123,18 +123,26 @@ def tb_steps_per_s(run_dir: Path) -> float:
     return (last.step - first.step) / (last.wall_time - first.wall_time)
 
 
+def random_inputs(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Plausible model inputs and target (unit embeddings, landmarks in pixels, pose in degrees) for timing."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "src_emb": torch.nn.functional.normalize(torch.randn(batch, EMB_DIM, generator=g), dim=-1),
+        "src_kps": torch.rand(batch, N_LANDMARKS, 3, generator=g) * 200 + 200,
+        "src_pose": (torch.rand(batch, 3, generator=g) - 0.5) * 120,
+        "tgt_emb": torch.nn.functional.normalize(torch.randn(batch, EMB_DIM, generator=g), dim=-1),
+    }
+
+
 def train_flops_per_sample(model_cfg: config_mod.ModelConfig, batch: int = 4) -> float:
     """Model FLOPs of one training sample (forward + backward), counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(model_cfg)
-    g = torch.Generator().manual_seed(0)
-    emb = torch.nn.functional.normalize(torch.randn(batch, 512, generator=g), dim=-1)
-    kps = torch.rand(batch, 68, 3, generator=g) * 200 + 200
-    pose = (torch.rand(batch, 3, generator=g) - 0.5) * 120
+    x = random_inputs(batch)
     counter = FlopCounterMode(display=False)
     with counter:
-        model(emb, kps, pose).sum().backward()
+        model(x["src_emb"], x["src_kps"], x["src_pose"]).sum().backward()
     return counter.get_total_flops() / batch
 
 

@@ -44,7 +44,7 @@ from dist_train.train import build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_trainer import load_average, versions  # noqa: E402  (bench/ is not a package)
+from bench_trainer import load_average, random_inputs, versions  # noqa: E402  (bench/ is not a package)
 
 MODES = ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")
 WORLD = 2
@@ -70,17 +70,6 @@ def nbytes(tensors) -> int:
 
 def adam_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return nbytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
-
-
-def random_batch(batch: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    emb = torch.nn.functional.normalize(torch.randn(batch, 512, generator=g), dim=-1)
-    return {
-        "src_emb": emb.to(dtype),
-        "src_kps": torch.rand(batch, 68, 3, generator=g) * 200 + 200,
-        "src_pose": (torch.rand(batch, 3, generator=g) - 0.5) * 120,
-        "tgt_emb": torch.nn.functional.normalize(torch.randn(batch, 512, generator=g), dim=-1),
-    }
 
 
 def loss_of(model, batch: dict, loss_fn: FrontalLoss) -> torch.Tensor:
@@ -158,9 +147,10 @@ def worker(preset: str, out: Path, batch_size: int) -> None:
     for mode in MODES:
         torch.manual_seed(0)
         if mode == "DDP":
-            rec = measure_ddp(cfg, random_batch(batch_size, torch.float32))
-        else:
-            rec = measure_zero(cfg, int(mode[-1]), random_batch(batch_size, torch.bfloat16))
+            rec = measure_ddp(cfg, random_inputs(batch_size))
+        else:  # DeepSpeed bf16 keeps the module in bf16: the embedding input must match (runtime.input_dtype)
+            batch = random_inputs(batch_size)
+            rec = measure_zero(cfg, int(mode[-1]), batch | {"src_emb": batch["src_emb"].bfloat16()})
         gc.collect()
         per_rank = [None] * WORLD
         dist.all_gather_object(per_rank, rec)

@@ -126,8 +126,12 @@ def test_quality_benchmark_refuses_an_unknown_method():
     assert "unknown ['lasso']" in proc.stderr and "transformer-points" in proc.stderr
 
 
-def test_gpu_check_is_valid_bash():
+def test_gpu_check_is_valid_bash_and_its_report_is_valid_python():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+    script = (BENCH / "gpu_check.sh").read_text()
+    report = re.search(r"<<'EOF'.*?\n(.*?)\nEOF\n", script, re.S)
+    assert report, "the per-run report (a Python heredoc) is missing"
+    compile(report.group(1), "gpu_check.sh report", "exec")
 
 
 def test_gpu_check_refuses_cleanly_when_the_driver_is_unreachable(tmp_path):
