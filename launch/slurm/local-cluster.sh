@@ -12,7 +12,8 @@
 #   local-cluster.sh stop      cancel jobs, stop the daemons, remove the generated state
 #
 # Settings: DIST_TRAIN_SLURM_NODES (default 2), DIST_TRAIN_SLURM_CPUS (per node, default nproc),
-# DIST_TRAIN_SLURM_PORT (slurmctld port, default 6817; slurmds use the next ones).
+# DIST_TRAIN_SLURM_PORT (slurmctld port, default 6817; slurmds use the next ones),
+# DIST_TRAIN_SLURM_CRED_EXPIRE (seconds a requeued job waits before it may start again, default 15, min 5).
 set -euo pipefail
 
 DIR=${DIST_TRAIN_SLURM_DIR:-/tmp/dist-train-slurm}
@@ -21,6 +22,7 @@ SOCKET=$DIR/munge/munge.socket
 NODES=${DIST_TRAIN_SLURM_NODES:-2}
 CPUS=${DIST_TRAIN_SLURM_CPUS:-$(nproc)}
 PORT=${DIST_TRAIN_SLURM_PORT:-6817}
+CRED_EXPIRE=${DIST_TRAIN_SLURM_CRED_EXPIRE:-15}
 
 die() { echo "local-cluster: error: $*" >&2; exit 1; }
 log() { echo "local-cluster: $*"; }
@@ -61,7 +63,10 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$SOCKET
+# cred_expire: how long a requeued job is held before it may start again (default 120 s). Releasing it
+# earlier by hand (StartTime=now) can relaunch it in the second its old credential was revoked, and
+# slurmd then refuses the launch: the job ends FAILED without running (credential times are in seconds).
+AuthInfo=socket=$SOCKET,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$DIR/ctld
 SlurmdSpoolDir=$DIR/spool-%n
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -112,6 +117,8 @@ do_start() {
     need_binaries
     need_root start
     [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "DIST_TRAIN_SLURM_NODES must be a positive integer, got '$NODES'"
+    [[ "$CRED_EXPIRE" =~ ^[0-9]+$ ]] && [ "$CRED_EXPIRE" -ge 5 ] \
+        || die "DIST_TRAIN_SLURM_CRED_EXPIRE must be an integer >= 5 (seconds; SLURM ignores smaller values), got '$CRED_EXPIRE'"
     mkdir -p "$DIR/ctld"
     chmod 0755 "$DIR"
     start_munge
