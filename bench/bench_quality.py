@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="debug-cpu", help="preset for the transformers and DREAM's training settings")
     p.add_argument("--budget-cpu-s", type=float, default=180.0, help="CPU seconds per trained method (default 180)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--n-identities", type=int, default=2000, help="synth identities x 16 samples (default 2000)")
+    p.add_argument("--n-identities", type=int, default=2000, help="synth identities (default 2000)")
+    p.add_argument("--samples-per-identity", type=int, default=16, help="synth samples per identity (default 16)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--json", default=None, help="also write every method's metrics here")
     p.add_argument("--tiny", action="store_true", help="80 identities x 8 samples, 1 CPU-s per method")
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
-    samples_per_identity = 16
+    samples_per_identity = args.samples_per_identity
     if args.tiny:
         args.n_identities, samples_per_identity, args.budget_cpu_s = 80, 8, 1.0
     calibration = TINY_CALIBRATION if args.tiny else CALIBRATION

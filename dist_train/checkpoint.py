@@ -64,7 +64,7 @@ class TrainState:
     skipped_steps: int = 0  # fp16 overflow: the optimizer did not apply the update
     nonfinite_steps: int = 0  # non-finite loss: the step was skipped on every rank
     consecutive_nonfinite: int = 0
-    bad_rows: int = 0  # rows with non-finite inputs dropped before the forward pass
+    bad_rows: int = 0  # samples the loader skipped (non-finite values, unreadable blocks), over all resumes
     best_cos: float = -math.inf
     best_step: int = -1
     evals_since_best: int = 0

@@ -41,6 +41,19 @@ class Runtime:
             return torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.float32
 
+    def clip_gradients(self, model: torch.nn.Module, max_norm: float):
+        """Clip to ``max_norm`` and return the total norm (DeepSpeed: the norm its step clipped with).
+
+        Outside DeepSpeed this is what Accelerate's ``clip_grad_norm_`` does for DDP and single
+        processes, without the version and package lookups it makes on every call (~0.7 ms per step
+        on CPU, BENCHMARKS.md §2).
+        """
+        acc = self.accelerator
+        if self.deepspeed_stage is not None:
+            return acc.clip_grad_norm_(model.parameters(), max_norm)  # DeepSpeed clips inside its step
+        acc.unscale_gradients()  # fp16 loss scaling: a no-op otherwise
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -79,16 +79,6 @@ class Window:
         return out
 
 
-def clean_rows(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """Drop rows with non-finite inputs (counted as bad samples) so one bad row cannot poison a step."""
-    ok = torch.ones(len(batch["identity"]), dtype=torch.bool)
-    for v in batch.values():
-        if v.is_floating_point():
-            ok &= torch.isfinite(v.reshape(len(v), -1)).all(dim=1)
-    n_bad = int((~ok).sum())
-    return ({k: v[ok] for k, v in batch.items()} if n_bad else batch), n_bad
-
-
 def all_ranks_finite(loss: torch.Tensor, rt: Runtime) -> bool:
     """Collective when distributed: every rank skips a step together or none does."""
     ok = torch.isfinite(loss.detach()).float().reshape(1)
@@ -149,6 +139,7 @@ def train(cfg: Config) -> int:
             state = checkpointer.load(found)
             acc.print(f"dist-train: resumed from {found} at step {state.step}")
     stop = StopRequest(run_dir, acc)
+    bad_rows_before = state.bad_rows  # counted by earlier processes of this run
     evaluator = Evaluator(cfg.eval, rt, shard_set, cfg.data.val_split, cfg.train.batch_size, cfg.data.target, run_dir)
     logger = TrainLogger(cfg.log, run_dir, acc.is_main_process, state.step, total_steps, plan.global_batch)
     stream = TrainStream(
@@ -184,8 +175,6 @@ def train(cfg: Config) -> int:
     while state.step < total_steps and outcome == "finished":
         stream.set_epoch(epoch)
         for batch in stream:
-            batch, n_bad = clean_rows(batch)
-            state.bad_rows += n_bad
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             lr = lr_at(state.applied_steps, cfg.optim, spe, total_steps)
             for group in optimizer.param_groups:  # before backward: DeepSpeed steps inside it
@@ -198,7 +187,7 @@ def train(cfg: Config) -> int:
                     acc.backward(loss)
                     window.add(loss, terms)
                     if acc.sync_gradients and not window.nonfinite:
-                        window.grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                        window.grad_norm = rt.clip_gradients(model, cfg.optim.grad_clip)
                         optimizer.step()
                 else:
                     window.nonfinite += 1
@@ -209,6 +198,7 @@ def train(cfg: Config) -> int:
             # ---- one optimizer step done (or skipped) on every rank ----
             state.step += 1
             state.samples_seen += plan.global_batch
+            state.bad_rows = bad_rows_before + stream.stats.bad_samples  # the loader drops and counts them
             if window.nonfinite:
                 state.nonfinite_steps += 1
                 state.consecutive_nonfinite += 1
@@ -222,7 +212,7 @@ def train(cfg: Config) -> int:
                 "epoch": state.step / spe,
                 "skipped_steps": state.skipped_steps,
                 "nonfinite_steps": state.nonfinite_steps,
-                "bad_samples": state.bad_rows + stream.stats.bad_samples,
+                "bad_samples": state.bad_rows,
                 "samples_seen": state.samples_seen,
             }
             logger.step(state.step, values, counters)

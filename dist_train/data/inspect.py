@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_train.data.pack import ZERO_NORM
-from dist_train.data.schema import EMBEDDING_FIELDS, FIELDS, YAW_BUCKETS, YAW_EDGES, yaw_bucket_index
+from dist_train.data.schema import EMBEDDING_FIELDS, FIELDS, YAW_BUCKETS, YAW_EDGES, finite_rows, yaw_bucket_index
 from dist_train.data.shards import ShardSet, ShardSetError, read_split
 from dist_train.geometry import pose_from_landmarks, rotation_matrices
 from dist_train.metrics import quality, row_cos
@@ -71,9 +71,7 @@ def embedding_health(arrays: dict[str, np.ndarray]) -> dict:
 def bad_rows(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Masks of rows with any non-finite value, and of finite rows with a zero-norm embedding."""
     n = len(arrays["identity"])
-    non_finite = np.zeros(n, dtype=bool)
-    for a in arrays.values():
-        non_finite |= ~np.isfinite(a.reshape(n, -1)).all(axis=1)
+    non_finite = ~finite_rows(arrays)
     zero = np.zeros(n, dtype=bool)
     for name in (f for f in EMBEDDING_FIELDS if f in arrays):
         zero |= _norms(arrays[name]) < ZERO_NORM

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_train import __version__
-from dist_train.data.schema import DEFAULT_BLOCK_SIZE, EMBEDDING_FIELDS, FIELDS, REQUIRED
+from dist_train.data.schema import DEFAULT_BLOCK_SIZE, EMBEDDING_FIELDS, FIELDS, REQUIRED, finite_rows
 from dist_train.data.shards import DEFAULT_SHARD_SAMPLES, INDEX_NAME, add_layout_arguments, write_shard_set
 
 # Each skipped row is counted once, under the first reason that applies, so the
@@ -101,11 +101,7 @@ def row_reasons(columns: dict[str, np.ndarray]) -> np.ndarray:
     """Index into SKIP_REASONS per row, or -1 for a good row."""
     n = len(columns["identity"])
     reason = np.full(n, -1, dtype=np.int64)
-    finite = np.ones(n, dtype=bool)
-    for name, a in columns.items():
-        if name != "identity":
-            finite &= np.isfinite(a.reshape(n, -1)).all(axis=1)
-    reason[~finite] = SKIP_REASONS.index("non_finite")
+    reason[~finite_rows(columns)] = SKIP_REASONS.index("non_finite")
     for name in EMBEDDING_FIELDS:
         if name in columns:
             with np.errstate(invalid="ignore", over="ignore"):

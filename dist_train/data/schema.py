@@ -61,6 +61,16 @@ def yaw_bucket_index(yaw_deg: np.ndarray) -> np.ndarray:
     return idx.astype(np.int64)
 
 
+def finite_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows whose every float value is finite: the one definition of a non-finite sample (pack, inspect, loader)."""
+    n = len(next(iter(arrays.values())))
+    ok = np.ones(n, dtype=bool)
+    for a in arrays.values():
+        if a.dtype.kind == "f":
+            ok &= np.isfinite(a.reshape(n, -1)).all(axis=1)
+    return ok
+
+
 def check_arrays(arrays: dict[str, np.ndarray]) -> int:
     """Validate field names and shapes of a column dict; returns the sample count.
 

@@ -5,9 +5,11 @@ rank, whatever the shard count, so no rank can wait forever in a collective
 for a batch another rank never gets. Shards are read as blocks (one tar member
 per field per block, ``shards.decode_block``); rows of several blocks are
 shuffled together and batches are cut by array indexing, never per-sample
-dicts. Bad tars and blocks are skipped and counted in ``LoaderStats``; the
-counters travel from DataLoader workers inside each batch (``STATS_KEY``) and
-are summed in the main process.
+dicts. Bad tars and blocks, and rows with a non-finite value, are skipped and
+counted in ``LoaderStats``. A batch leaves a DataLoader worker as one flat
+buffer (the fields plus the worker's counters), because torch hands each
+tensor between processes through its own socket and file descriptor: one
+buffer instead of seven cut the trainer's loader overhead (BENCHMARKS.md §2).
 
 ``eval_batches`` splits a split's rows between ranks by arithmetic on
 ``index.json``: every rank yields the same number of batches and the rows
@@ -17,6 +19,7 @@ marked valid cover the split exactly once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import itertools
 import numbers
@@ -34,10 +37,11 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from dist_train.data.schema import FIELDS, REQUIRED
+from dist_train.data.schema import FIELDS, REQUIRED, finite_rows
 from dist_train.data.shards import INDEX_NAME, BadBlock, ShardSet, compute_dtype, decode_block, widen
 
-STATS_KEY = "__stats__"  # private batch key: a worker's cumulative counters, removed before the caller sees it
+_ALIGN = 64  # byte alignment of each field inside a packed batch
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}  # compute_dtype's
 _PASS = "__pass__"  # pass number of a block (an int) or of each leftover row (an array); >0: a repeat
 _PASS_END = object()  # marker between exact-epoch passes: the mixer flushes so every row of a pass leaves first
 _REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
@@ -49,7 +53,8 @@ class LoaderStats:
     """Cumulative loader counters of one rank (all its workers, all epochs so far)."""
 
     bad_blocks: int = 0  # tar samples that did not decode as a block (incl. the partial block of a cut tar)
-    bad_samples: int = 0  # samples lost to bad blocks and unreadable tar tails (known where index.json lists the shard)
+    bad_samples: int = 0  # rows with a non-finite value, plus samples lost to bad blocks and unreadable tar
+    # tails (those known where index.json lists the shard); an exact-epoch repeat pass does not count them again
     shard_errors: int = 0  # shard reads that failed: missing file, truncated or corrupt tar, failing pipe:
     blocks_read: int = 0
     samples_read: int = 0
@@ -189,20 +194,19 @@ class _WorkerState:
     fresh_yielded: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # shards without a valid block since the last valid block
 
-    def report(self) -> torch.Tensor:
+    def report(self) -> np.ndarray:
         if self.plan.resampled:
             pending = 0
         else:
             total = self.fresh_decoded if self.pass_rows is None else self.pass_rows - self.fresh_bad
             pending = max(0, total - self.fresh_yielded)
-        return torch.tensor([self.worker, *(getattr(self.stats, k) for k in _REPORTED), pending], dtype=torch.int64)
+        return np.array([self.worker, *(getattr(self.stats, k) for k in _REPORTED), pending], dtype=np.int64)
 
     def shard_done(self, url: str, got: int, pass_no: int, reason: str | None, shards: Sequence[str]) -> None:
         expected = self.plan.sizes.get(url)
-        if expected is not None and got < expected:
+        if expected is not None and got < expected and pass_no == 0:
             self.stats.bad_samples += expected - got
-            if pass_no == 0:
-                self.fresh_bad += expected - got
+            self.fresh_bad += expected - got
         if got:
             self.failed.clear()
             return
@@ -268,9 +272,17 @@ def _shard_blocks(shard: dict, state: _WorkerState) -> Iterator[dict[str, np.nda
         got += n
         state.stats.blocks_read += 1
         state.stats.samples_read += n
+        block = {f: _as_storage(f, arrays[f]) for f in plan.fields}
+        ok = finite_rows(block)  # one bad row must not poison a step; here, off the training process
+        n_bad = n - int(ok.sum())
+        if n_bad:
+            block = {f: a[ok] for f, a in block.items()}
         if pass_no == 0:
-            state.fresh_decoded += n
-        yield {**{f: _as_storage(f, arrays[f]) for f in plan.fields}, _PASS: pass_no}
+            state.stats.bad_samples += n_bad
+            state.fresh_decoded += n - n_bad
+            state.fresh_bad += n_bad
+        if n > n_bad:
+            yield {**block, _PASS: pass_no}
     if read_errors:
         state.stats.shard_errors += 1
     reason = read_errors[-1] if read_errors else last_bad
@@ -326,6 +338,44 @@ def _gather(parts: list[dict], offsets: np.ndarray, rows: np.ndarray, fields) ->
     return out, passes
 
 
+@functools.lru_cache(maxsize=64)
+def _batch_layout(fields: tuple[str, ...], rows: int, report_len: int) -> tuple[list[tuple], int]:
+    """Where each part of a packed batch lies: (name, dtype, shape, byte offset), and the total bytes."""
+    parts = [("", np.dtype(np.int64), (report_len,))]
+    parts += [(f, np.dtype(compute_dtype(f)), (rows, *FIELDS[f].shape)) for f in fields]
+    out, offset = [], 0
+    for name, dtype, shape in parts:
+        out.append((name, dtype, shape, offset))
+        offset += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
+    return out, offset
+
+
+def _pack(rows: dict[str, np.ndarray], report: np.ndarray, fields: Sequence[str]) -> tuple[torch.Tensor, int, int]:
+    """A batch in compute dtypes plus the worker's counters, in one uint8 tensor (one hand-off between processes)."""
+    n = len(rows[fields[0]])
+    layout, nbytes = _batch_layout(tuple(fields), n, len(report))
+    buf = np.empty(nbytes, np.uint8)
+    for name, dtype, shape, offset in layout:
+        view = buf[offset : offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+        if name:
+            widen(name, rows[name], out=view)
+        else:
+            view[:] = report
+    return torch.from_numpy(buf), n, len(report)
+
+
+def _unpack(packed: tuple[torch.Tensor, int, int], fields: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Views into the packed buffer (no copy): the batch and the worker's counters."""
+    buf, n, report_len = packed
+    layout, _ = _batch_layout(tuple(fields), int(n), int(report_len))
+    views = {}
+    for name, dtype, shape, offset in layout:
+        size = int(np.prod(shape)) * dtype.itemsize
+        views[name] = buf[offset : offset + size].view(_TORCH_DTYPES[dtype]).view(shape)
+    report = views.pop("")
+    return views, report.tolist()
+
+
 def _emit(buffer: list[dict], carry: dict | None, state: _WorkerState, rng: np.random.Generator):
     """Shuffle the rows of the buffered blocks, yield full batches; returns the leftover rows.
 
@@ -346,9 +396,7 @@ def _emit(buffer: list[dict], carry: dict | None, state: _WorkerState, rng: np.r
         repeated = int(np.count_nonzero(passes))
         state.stats.repeats += repeated
         state.fresh_yielded += size - repeated
-        batch = {f: torch.from_numpy(widen(f, v)) for f, v in rows.items()}
-        batch[STATS_KEY] = state.report()
-        yield batch
+        yield _pack(rows, state.report(), plan.fields)
     rest, passes = _gather(parts, offsets, np.sort(index[n_batches * size :]), plan.fields)
     return {**rest, _PASS: passes}
 
@@ -510,8 +558,7 @@ class TrainStream:
         completed = False
         try:
             for _ in range(self.batches_per_epoch):
-                batch = next(batches)
-                report = batch.pop(STATS_KEY).tolist()
+                batch, report = _unpack(next(batches), self._plan.fields)
                 self._live[report[0]] = report[1:]
                 yield batch
             completed = True
