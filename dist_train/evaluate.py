@@ -9,6 +9,7 @@ rank takes the same early-stopping decision.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -60,18 +61,19 @@ def predict_split(
     model.eval()
     cols: dict[str, list[np.ndarray]] = {}
     seen = 0
-    for batch, valid in eval_batches(
-        shard_set, split, batch_size, rank, world_size, fields=eval_fields(shard_set, target)
-    ):
+    # A cap stops after the same number of batches on every rank (ZeRO-3's forward is collective).
+    room0 = None if max_samples is None else max_samples // max(world_size, 1)
+    n_batches = None if room0 is None else -(-room0 // batch_size)
+    batches = eval_batches(shard_set, split, batch_size, rank, world_size, fields=eval_fields(shard_set, target))
+    for batch, valid in itertools.islice(batches, n_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         ctx = autocast() if autocast else torch.autocast("cpu", enabled=False)
         with ctx:
             pred = model(batch["src_emb"].to(input_dtype), batch["src_kps"], batch["src_pose"])
         pred = pred.float()
         keep = valid.cpu().numpy()
-        if max_samples is not None:  # same cut on every rank keeps forward counts equal
-            room = max(0, max_samples // max(world_size, 1) - seen)
-            keep &= np.cumsum(keep) <= room
+        if room0 is not None:
+            keep &= np.cumsum(keep) <= max(0, room0 - seen)
         seen += int(keep.sum())
         if loss_fn is not None:
             # the batch loss over its real rows, repeated per row: gathering then averaging rows
