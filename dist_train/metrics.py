@@ -148,7 +148,7 @@ TRAIN_TAGS = {
     "epoch": "train/epoch",  # fractional epoch at this step
     "skipped_steps": "train/skipped_steps",  # fp16 overflow steps, cumulative
     "nonfinite_steps": "train/nonfinite_steps",  # non-finite losses skipped, cumulative
-    "bad_samples": "train/bad_samples",  # corrupt/undecodable samples skipped by the loader, cumulative
+    "bad_samples": "train/bad_samples",  # samples the loader skipped (non-finite values, undecodable blocks), cumulative
     "samples_seen": "train/samples_seen",
 }
 # Validation: `scalars(quality(...) | {"loss": ..., "val_train_loss_ratio": ...})`
