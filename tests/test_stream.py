@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 
 from dist_train.data import shards
-from dist_train.data.schema import EMB_DIM, N_LANDMARKS
+from dist_train.data.schema import EMB_DIM, N_LANDMARKS, finite_rows
 from dist_train.data.stream import (
     LoaderStats,
     TrainStream,
@@ -231,6 +231,20 @@ def test_truncated_shard_is_skipped_and_counted_in_both_modes(cut_set):
         errors += r.stats.bad_blocks + r.stats.shard_errors
         assert r.stats.bad_samples % len(lost) == 0
     assert errors > 0
+
+
+def test_finite_rows_agrees_with_isfinite_for_float16_storage_and_float32():
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(64, 512)).astype(np.float16)
+    emb[0, 0], emb[1, 1] = 65504, -65504  # the largest finite float16 values stay finite
+    kps = rng.normal(size=(64, N_LANDMARKS, 3)).astype(np.float32)
+    for row, value in zip(range(2, 14), [np.nan, np.inf, -np.inf] * 4):
+        (emb if row % 2 else kps.reshape(64, -1))[row, row * 7] = value
+    arrays = {"src_emb": emb, "src_kps": kps, "identity": np.arange(64)}
+    expected = np.isfinite(emb).all(axis=1) & np.isfinite(kps).reshape(64, -1).all(axis=1)
+    assert expected.sum() == 64 - 12
+    assert np.array_equal(finite_rows(arrays), expected)
+    assert np.array_equal(finite_rows({"src_emb": emb[:, ::3]}), np.isfinite(emb[:, ::3]).all(axis=1))
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
