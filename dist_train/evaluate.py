@@ -21,6 +21,7 @@ import torch
 from dist_train.data.shards import ShardSet
 from dist_train.data.stream import eval_batches
 from dist_train.metrics import quality
+from dist_train.paths import output_file
 
 EVAL_FIELDS_BASE = ("src_emb", "src_kps", "src_pose", "tgt_emb", "identity")
 
@@ -201,7 +202,7 @@ def main(argv: list[str]) -> int:
     }
     print(json.dumps(summary, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(m, indent=2) + "\n")
+        output_file(args.json).write_text(json.dumps(m, indent=2) + "\n")
     if args.predictions:
-        np.save(args.predictions, rows["pred"].astype(np.float32))
+        np.save(output_file(args.predictions), rows["pred"].astype(np.float32))
     return 0

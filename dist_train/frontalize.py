@@ -16,6 +16,7 @@ import torch
 
 from dist_train.data.schema import EMB_DIM, N_LANDMARKS
 from dist_train.export import INPUTS, OUTPUT
+from dist_train.paths import output_file
 
 
 class Frontalizer:
@@ -85,6 +86,6 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"dist-train frontalize: error: {e}", file=sys.stderr)
         return 2
-    np.savez(args.out, **data, pred_emb=pred.astype(np.float32))
+    np.savez(output_file(args.out), **data, pred_emb=pred.astype(np.float32))
     print(f"dist-train frontalize: {len(pred)} rows -> {args.out}")
     return 0

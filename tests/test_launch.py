@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,6 +53,42 @@ ELASTIC_STEPS, ELASTIC_SAVE_EVERY = 60, 10
 
 def load_yaml(rel: str) -> dict:
     return yaml.safe_load((ACCELERATE_DIR / rel).read_text())
+
+
+# ---- the README's first command ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "dist-train").exists(), reason="needs the repository's .venv")
+def test_readme_first_command_runs_the_main_job_into_a_fresh_run_folder(tmp_path):
+    """`bash launch/demo.sh`, as on a fresh clone: no `runs/` folder yet.
+
+    It runs in a copy of the repository layout (the suite's .venv and shards linked in) whose set-up step
+    is a no-op: re-installing the package under the running suite would race its background runs. CI runs
+    the real set-up through `launch/test.sh`.
+    """
+    assert "bash launch/demo.sh" in (REPO / "README.md").read_text()
+    clone = tmp_path / "clone"
+    (clone / "launch").mkdir(parents=True)
+    shutil.copy(REPO / "launch" / "demo.sh", clone / "launch" / "demo.sh")
+    (clone / "launch" / "setup.sh").write_text('echo "setup: skipped by the test"\n')
+    (clone / ".venv").symlink_to(REPO / ".venv")
+    (clone / "shards").symlink_to(REPO / "shards")
+    r = subprocess.run(
+        ["bash", "launch/demo.sh", "--epochs", "2"],
+        cwd=clone,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out = clone / "runs" / "demo"
+    for name in ("inspect.json", "inspect.png", "best/model.safetensors", "eval.json", "report/report.md"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    m = json.loads((out / "eval.json").read_text())
+    assert m["n"] == json.loads((out / "inspect.json").read_text())["splits"]["val"]["n_samples"]
+    assert 0.7 < m["identity_baseline_cos"] < 0.8 and m["mean_cos"] > 0.5
+    assert "baseline" in (out / "report" / "report.md").read_text()
 
 
 # ---- the files themselves ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from dist_train.data.schema import EMBEDDING_FIELDS, FIELDS, YAW_BUCKETS, YAW_ED
 from dist_train.data.shards import ShardSet, ShardSetError, read_split
 from dist_train.geometry import pose_from_landmarks, rotation_matrices
 from dist_train.metrics import quality, row_cos
+from dist_train.paths import output_file
 
 SUSPICIOUS_ROBUST_Z = 6.0  # cos below bucket median - 6 * 1.4826 * MAD: far outside the bucket's spread
 MIN_ROBUST_SD = 1e-3  # floor for the MAD-based sd, so a bucket of identical cos values flags nothing by accident
@@ -470,7 +471,7 @@ def main(argv: list[str]) -> int:
         return 2
     print(format_text(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        output_file(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.png:
-        plot(report, data, args.png)
+        plot(report, data, output_file(args.png))
     return 0
