@@ -18,7 +18,6 @@ going distributed (DDP all-reduce over gloo) adds no work.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -27,7 +26,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_trainer import bench_config, cpu_seconds, load_average, make_synth, tb_steps_per_s, versions  # noqa: E402
+from bench_trainer import (  # noqa: E402
+    bench_config,
+    cpu_seconds,
+    load_average,
+    make_synth,
+    parse_timed_run,
+    tb_steps_per_s,
+    timed_run_parser,
+    versions,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PROCESSES = (1, 2)
@@ -49,18 +57,7 @@ def run_trainer(config_file: Path, output_dir: Path, processes: int, steps: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="debug-cpu", help="preset whose model and micro batch are timed")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
-    p.add_argument("--log-every", type=int, default=20, help="trainer log interval; the first is not timed")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--n-identities", type=int, default=500, help="synth identities x 16 samples (default 500)")
-    p.add_argument("--tiny", action="store_true", help="64 identities, 12 steps, 1 repeat")
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.n_identities, args.steps, args.log_every, args.repeats = 64, 12, 4, 1
-    if args.steps <= 2 * args.log_every:
-        p.error(f"--steps ({args.steps}) must be more than 2 x --log-every ({args.log_every}) to time anything")
+    args = parse_timed_run(timed_run_parser(__doc__, "model and micro batch are", steps=200), argv)
     print(versions())
     rates: dict[int, list[float]] = {n: [] for n in PROCESSES}
     cpu_per_sample: dict[int, list[float]] = {n: [] for n in PROCESSES}

@@ -273,25 +273,37 @@ def profile(loops: Loops, steps: int) -> None:
     print(f"profile of one {steps}-step dist-train run (cProfile inflates Python-level costs):{out.getvalue()}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="debug-cpu", help="preset whose model, batch and optimizer are timed")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
+def timed_run_parser(doc: str, timed: str, steps: int) -> argparse.ArgumentParser:
+    """The arguments every timed-run benchmark shares (bench_trainer, bench_scaling)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--config", default="debug-cpu", help=f"preset whose {timed} timed")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per run (default {steps})")
     p.add_argument("--log-every", type=int, default=20, help="dist-train log interval; the first is not timed")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n-identities", type=int, default=500, help="synth identities x 16 samples (default 500)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every loop (default 1)")
-    p.add_argument("--num-workers", type=int, default=None, help="loader worker processes (default: the preset's)")
     p.add_argument("--tiny", action="store_true", help="64 identities, 12 steps, 1 repeat")
-    p.add_argument(
-        "--profile", action="store_true", help="then profile one dist-train run: where its time outside torch goes"
-    )
+    return p
+
+
+def parse_timed_run(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parsed arguments with --tiny applied; refuses a run too short to time (the first log interval is not)."""
     args = p.parse_args(argv)
     if args.tiny:
         args.n_identities, args.steps, args.log_every, args.repeats = 64, 12, 4, 1
-    short = 2 * args.log_every  # the short run of the CPU-time difference
-    if args.steps <= short:
+    if args.steps <= 2 * args.log_every:
         p.error(f"--steps ({args.steps}) must be more than 2 x --log-every ({args.log_every}) to time anything")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = timed_run_parser(__doc__, "model, batch and optimizer are", steps=300)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every loop (default 1)")
+    p.add_argument("--num-workers", type=int, default=None, help="loader worker processes (default: the preset's)")
+    p.add_argument(
+        "--profile", action="store_true", help="then profile one dist-train run: where its time outside torch goes"
+    )
+    args = parse_timed_run(p, argv)
+    short = 2 * args.log_every  # the short run of the CPU-time difference
     torch.set_num_threads(args.threads)
     print(versions())
     wall: dict[str, list[float]] = {}

@@ -68,6 +68,7 @@ class LoaderStats:
 
 # Counters a worker reports with each batch, then its exact-epoch "pending" rows (dropped if the epoch ends there).
 _REPORTED = ("bad_blocks", "bad_samples", "shard_errors", "blocks_read", "samples_read", "repeats")
+_REPORT_LEN = 2 + len(_REPORTED)  # worker id, the counters, pending rows
 
 
 def _exact_epoch_problem(shard_count: int, world_size: int, num_workers: int) -> str | None:
@@ -339,39 +340,43 @@ def _gather(parts: list[dict], offsets: np.ndarray, rows: np.ndarray, fields) ->
 
 
 @functools.lru_cache(maxsize=64)
-def _batch_layout(fields: tuple[str, ...], rows: int, report_len: int) -> tuple[list[tuple], int]:
-    """Where each part of a packed batch lies: (name, dtype, shape, byte offset), and the total bytes."""
-    parts = [("", np.dtype(np.int64), (report_len,))]
+def _batch_layout(fields: tuple[str, ...], rows: int) -> tuple[list[tuple], int]:
+    """Where each part of a packed batch lies, (name, dtype, shape, byte offset, bytes), and the total bytes.
+
+    Part "" is the worker's report (``_WorkerState.report``); the fields follow in compute dtypes.
+    """
+    parts = [("", np.dtype(np.int64), (_REPORT_LEN,))]
     parts += [(f, np.dtype(compute_dtype(f)), (rows, *FIELDS[f].shape)) for f in fields]
     out, offset = [], 0
     for name, dtype, shape in parts:
-        out.append((name, dtype, shape, offset))
-        offset += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
+        size = int(np.prod(shape)) * dtype.itemsize
+        out.append((name, dtype, shape, offset, size))
+        offset += -(-size // _ALIGN) * _ALIGN
     return out, offset
 
 
-def _pack(rows: dict[str, np.ndarray], report: np.ndarray, fields: Sequence[str]) -> tuple[torch.Tensor, int, int]:
+def _pack(rows: dict[str, np.ndarray], report: np.ndarray, fields: tuple[str, ...]) -> tuple[torch.Tensor, int]:
     """A batch in compute dtypes plus the worker's counters, in one uint8 tensor (one hand-off between processes)."""
     n = len(rows[fields[0]])
-    layout, nbytes = _batch_layout(tuple(fields), n, len(report))
+    layout, nbytes = _batch_layout(fields, n)
     buf = np.empty(nbytes, np.uint8)
-    for name, dtype, shape, offset in layout:
-        view = buf[offset : offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+    for name, dtype, shape, offset, size in layout:
+        view = buf[offset : offset + size].view(dtype).reshape(shape)
         if name:
             widen(name, rows[name], out=view)
         else:
             view[:] = report
-    return torch.from_numpy(buf), n, len(report)
+    return torch.from_numpy(buf), n
 
 
-def _unpack(packed: tuple[torch.Tensor, int, int], fields: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
+def _unpack(packed: tuple[torch.Tensor, int], fields: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Views into the packed buffer (no copy): the batch and the worker's counters."""
-    buf, n, report_len = packed
-    layout, _ = _batch_layout(tuple(fields), int(n), int(report_len))
-    views = {}
-    for name, dtype, shape, offset in layout:
-        size = int(np.prod(shape)) * dtype.itemsize
-        views[name] = buf[offset : offset + size].view(_TORCH_DTYPES[dtype]).view(shape)
+    buf, n = packed
+    layout, _ = _batch_layout(fields, int(n))
+    views = {
+        name: buf[offset : offset + size].view(_TORCH_DTYPES[dtype]).view(shape)
+        for name, dtype, shape, offset, size in layout
+    }
     report = views.pop("")
     return views, report.tolist()
 
