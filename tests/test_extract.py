@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import cv2
@@ -22,7 +23,8 @@ import onnx_models as om
 import onnxruntime
 import pytest
 
-from dist_train.data import extract, pairing
+from dist_train.data import extract, pairing, splits
+from dist_train.data.pack import pack as pack_arrays
 from dist_train.data.shards import ShardSet, read_split
 from dist_train.geometry import pose_from_landmarks
 
@@ -361,48 +363,56 @@ def test_inspect_reads_the_extracted_set(extracted, tmp_path):
 # ---------------------------------------------------------------- pairing rules on known arrays
 
 
-def faces_table(yaw, identity, group=None, score=None, size=None) -> pairing.Faces:
+def faces_table(yaw, identity, group=None, score=None, size=None) -> tuple[pairing.Faces, np.ndarray, np.ndarray]:
+    """Face metadata plus the per-face embeddings and landmarks (row i: face i, ``ref`` i)."""
     n = len(yaw)
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((n, 512)).astype(np.float32)
     size = np.full(n, 100.0) if size is None else np.asarray(size, float)
-    return pairing.Faces(
-        emb=emb / np.linalg.norm(emb, axis=1, keepdims=True),
-        kps=rng.standard_normal((n, 68, 3)).astype(np.float32),
+    faces = pairing.Faces(
         pose=np.stack([np.zeros(n), yaw, np.zeros(n)], 1).astype(np.float32),
         bbox=np.stack([np.zeros(n), np.zeros(n), size, size * 1.2], 1).astype(np.float32),
         score=np.full(n, 0.9, np.float32) if score is None else np.asarray(score, np.float32),
         identity=np.asarray(identity, np.int64),
         group=np.arange(n) if group is None else np.asarray(group, np.int64),
         source=np.arange(n),
+        ref=np.arange(n),
     )
+    return faces, emb / np.linalg.norm(emb, axis=1, keepdims=True), rng.standard_normal((n, 68, 3)).astype(np.float32)
+
+
+def pair_up(table, rules: pairing.PairingRules) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    faces, emb, kps = table
+    pairs, counts = pairing.make_pairs(faces, rules)
+    return pairing.pair_columns(emb, kps, faces, pairs), counts
 
 
 def test_yaw_thresholds_are_inclusive_and_mid_faces_unused():
-    faces = faces_table(yaw=[0, 20, -20.01, 30, 44.99, 45, -60, 90], identity=[0] * 8)
-    cols, counts = pairing.make_pairs(faces, pairing.PairingRules())
+    table = faces_table(yaw=[0, 20, -20.01, 30, 44.99, 45, -60, 90], identity=[0] * 8)
+    cols, counts = pair_up(table, pairing.PairingRules())
     assert sorted(cols["src_pose"][:, 1].tolist()) == [-60, 45, 90]
     assert counts == {"mid_yaw": 3, "no_frontal": 0, "identity_limit": 0}
-    frontal = faces.emb[:2]
+    frontal = table[1][:2]
     assert all(np.isclose(frontal @ t, 1, atol=1e-6).any() for t in cols["tgt_emb"])  # targets are yaw 0 and 20
     c = frontal.mean(0) / np.linalg.norm(frontal.mean(0))
     np.testing.assert_allclose(cols["tgt_centroid"], np.broadcast_to(c, (3, 512)), atol=1e-6)
-    cols, counts = pairing.make_pairs(faces, pairing.PairingRules(frontal_yaw=25, profile_yaw=30))
+    np.testing.assert_array_equal(cols["src_kps"][np.argsort(cols["src_pose"][:, 1])], table[2][[6, 5, 7]])
+    cols, counts = pair_up(table, pairing.PairingRules(frontal_yaw=25, profile_yaw=30))
     assert len(cols["identity"]) == 5 and counts["mid_yaw"] == 0  # -20.01 now frontal; 30, 44.99 now profile
 
 
 def test_identity_limit_no_frontal_and_even_use_of_frontals():
     yaw = [0, 5, 60, 61, 62, 63, 64, 70, 80]
-    faces = faces_table(yaw=yaw, identity=[0, 0, 0, 0, 0, 0, 0, 1, 1])
-    cols, counts = pairing.make_pairs(faces, pairing.PairingRules(max_pairs_per_identity=4))
+    table = faces_table(yaw=yaw, identity=[0, 0, 0, 0, 0, 0, 0, 1, 1])
+    cols, counts = pair_up(table, pairing.PairingRules(max_pairs_per_identity=4))
     assert counts == {"mid_yaw": 0, "no_frontal": 2, "identity_limit": 1}
     assert cols["identity"].tolist() == [0, 0, 0, 0]
-    uses = [(cols["tgt_emb"] @ f > 0.999).sum() for f in faces.emb[:2]]
+    uses = [(cols["tgt_emb"] @ f > 0.999).sum() for f in table[1][:2]]
     assert uses == [2, 2]
 
 
 def test_select_faces_filters_then_keeps_the_largest_per_image():
-    faces = faces_table(
+    faces, _, _ = faces_table(
         yaw=[0] * 6,
         identity=[0] * 6,
         group=[0, 0, 0, 1, 1, 2],
@@ -411,21 +421,161 @@ def test_select_faces_filters_then_keeps_the_largest_per_image():
     )
     kept, reason = pairing.select_faces(faces, pairing.FaceFilter(min_size=40, min_score=0.5))
     assert reason.tolist() == ["extra_face", "", "low_score", "too_small", "low_score", ""]
-    assert kept.source.tolist() == [1, 5]
+    assert kept.source.tolist() == [1, 5] and kept.ref.tolist() == [1, 5]
     assert pairing.count_reasons(reason) == {"extra_face": 1, "low_score": 2, "too_small": 1}
     kept, reason = pairing.select_faces(faces, pairing.FaceFilter(min_size=40, min_score=0.5, keep="all"))
     assert kept.source.tolist() == [0, 1, 5]
 
 
-def test_splits_are_by_identity_and_seeded():
-    faces = faces_table(yaw=[0, 60] * 10, identity=np.repeat(np.arange(10), 2))
-    cols, _ = pairing.make_pairs(faces, pairing.PairingRules())
-    rules = pairing.PairingRules(val_fraction=0.2, test_fraction=0.1, seed=3)
-    splits = pairing.split_by_identity(cols, rules)
-    ids = {k: set(v["identity"].tolist()) for k, v in splits.items()}
-    assert [len(ids[k]) for k in ("train", "val", "test")] == [7, 2, 1]
-    assert not (ids["train"] & ids["val"]) and not (ids["val"] & ids["test"]) and not (ids["train"] & ids["test"])
-    again = pairing.split_by_identity(cols, rules)
-    assert {k: set(v["identity"].tolist()) for k, v in again.items()} == ids
-    two = {k: v[np.isin(cols["identity"], [0, 1])] for k, v in cols.items()}
-    assert set(pairing.split_by_identity(two, pairing.PairingRules(val_fraction=0.1))) == {"train", "val"}
+def test_centroids_are_summed_in_batches_smaller_than_a_group():
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((23, 512)).astype(np.float32)
+    starts = np.array([0, 1, 9, 10, 23])
+    want = [emb[a:b].astype(np.float64).mean(0) for a, b in zip(starts[:-1], starts[1:])]
+    want = np.stack([w / np.linalg.norm(w) for w in want]).astype(np.float32)
+    for batch in (1, 3, 8, 100):
+        got = pairing.group_centroids(emb, starts, np.zeros((4, 512), np.float32), batch_rows=batch)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+# ---------------------------------------------------------------- stage 2 on a synthetic cache
+
+
+def synthetic_cache(tmp: Path, n_ids: int, videos: int, frames: int, seed: int = 0) -> tuple[Path, Path]:
+    """ROOT/<identity>/vK.mp4 inputs and a cache written by ``write_chunk`` as stage 1 writes it, without models.
+
+    The videos are empty files (stage 2 reads only their size and mtime). Each
+    sampled frame has a face of random yaw, score and size; one frame in five
+    a second, smaller face; one video in twenty failed to decode.
+    """
+    root, out = tmp / "faces", tmp / "out"
+    for i in range(n_ids):
+        (root / f"id{i:04d}").mkdir(parents=True)
+        for v in range(videos):
+            (root / f"id{i:04d}" / f"v{v}.mp4").write_bytes(b"")
+    inputs, _, _ = extract.discover(root, aligned=False)
+    rng = np.random.default_rng(seed)
+    for inp in inputs:
+        result = extract.Result(inp, extract._stamp(root / inp.rel), frames=frames)
+        if rng.random() < 0.05:
+            result.status, result.detail = "unreadable", "no decodable frames in this video"
+            extract.write_chunk(out, [result])
+            continue
+        for frame in range(frames):
+            for extra in range(1 + (rng.random() < 0.2)):
+                size = rng.uniform(30, 200) / (1 + 2 * extra)
+                emb = rng.standard_normal(512).astype(np.float32)
+                result.faces.append(
+                    {
+                        "emb": emb / np.linalg.norm(emb),
+                        "kps": rng.uniform(0, 640, (68, 3)).astype(np.float32),
+                        "pose": np.array([5, rng.choice([0, 10, -15, 30, 50, -60, 75]), 0], np.float32),
+                        "bbox": np.array([10, 10, 10 + size, 10 + 1.2 * size], np.float32),
+                        "score": rng.uniform(0.35, 1.0),
+                        "frame": 3 * frame,
+                    }
+                )
+        extract.write_chunk(out, [result])
+    return root, out
+
+
+def stage2(root: Path, out: Path, rules: pairing.PairingRules) -> dict:
+    inputs, names, problems = extract.discover(root, aligned=False)
+    job = extract.Job(
+        root, out, extract.Settings(pack=str(root)), pairing.FaceFilter(), rules, ("CPUExecutionProvider",)
+    )
+    return extract.run_stage2(job, inputs, names, problems, {}, len(inputs))
+
+
+def in_memory_stage2(root: Path, out: Path, rules: pairing.PairingRules) -> tuple[dict[str, np.ndarray], dict]:
+    """Pairs and drop counts of the whole cache loaded into memory, as stage 2 worked before it streamed."""
+    inputs, names, _ = extract.discover(root, aligned=False)
+    records = extract.load_records(out, root, inputs)
+    ok = [(s, records[i.rel]) for s, i in enumerate(inputs) if records[i.rel]["status"] == "ok"]
+    frames = [np.unique(r["frame"], return_inverse=True) for _, r in ok]
+    offsets = np.cumsum([0] + [len(f) for f, _ in frames])
+    cat = {k: np.concatenate([r[k] for _, r in ok]) for k in ("emb", "kps", "pose", "bbox", "score")}
+    source = np.concatenate([np.full(len(r["frame"]), s) for s, r in ok])
+    faces = pairing.Faces(
+        pose=cat["pose"],
+        bbox=cat["bbox"],
+        score=cat["score"],
+        identity=np.array([names.index(inputs[s].identity) for s in source], np.int64),
+        group=np.concatenate([o + g.reshape(-1) for o, (_, g) in zip(offsets, frames)]),
+        source=source,
+        ref=np.arange(len(source)),
+    )
+    kept, reason = pairing.select_faces(faces, pairing.FaceFilter())
+    pairs, counts = pairing.make_pairs(kept, rules)
+    counts |= pairing.count_reasons(reason)
+    counts["unreadable"] = sum(r["status"] == "unreadable" for r in records.values())
+    return pairing.pair_columns(cat["emb"][kept.ref], cat["kps"][kept.ref], kept, pairs), counts
+
+
+def sorted_rows(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    order = np.lexsort((cols["src_kps"][:, 0, 1], cols["src_kps"][:, 0, 0]))  # random floats: one per pair
+    return {k: v[order] for k, v in cols.items()}
+
+
+def test_stage2_shuffles_rows_within_splits_and_keeps_the_pairs(tmp_path):
+    root, out = synthetic_cache(tmp_path, n_ids=200, videos=1, frames=70)
+    rules = pairing.PairingRules(max_pairs_per_identity=25, val_fraction=0.1, test_fraction=0.05, seed=7)
+    report = stage2(root, out, rules)
+    shard_set = ShardSet.open(out)
+    data = {s: read_split(shard_set, s) for s in shard_set.splits}
+    assert shard_set.splits == ["train", "val", "test"] and report["splits"] == {
+        s: len(data[s]["identity"]) for s in data
+    }
+
+    # the same pairs as pairing the whole cache in memory, and the same counts
+    want, counts = in_memory_stage2(root, out, rules)
+    got = sorted_rows({k: np.concatenate([d[k] for d in data.values()]) for k in want})
+    want = sorted_rows(want)
+    assert len(got["identity"]) == report["summary"]["pairs"] > 3000
+    for k in ("src_kps", "src_pose", "identity"):
+        np.testing.assert_array_equal(got[k], want[k])
+    for k in ("src_emb", "tgt_emb", "tgt_centroid"):  # as stored: float16
+        np.testing.assert_array_equal(got[k], want[k].astype(np.float16).astype(np.float32))
+    assert {k: report["dropped"][k] for k in counts} == counts
+    assert counts["identity_limit"] > 0 and counts["extra_face"] > 0 and counts["unreadable"] > 0
+
+    # blocks mix identities: the first 1024-row block of train holds nearly every train identity
+    train = data["train"]["identity"]
+    block = train[: shard_set.index["block_size"]]
+    assert len(train) > 2 * len(block)
+    assert len(np.unique(block)) > 0.9 * len(np.unique(train))
+    assert np.mean(block[1:] == block[:-1]) < 0.05
+
+    # the same identities per split as pack (and synth) would choose for these ids, fractions and seed
+    ids = np.unique(want["identity"])
+    expected = splits.split_rows(ids, rules.val_fraction, rules.test_fraction, rules.seed)
+    assert {s: set(np.unique(d["identity"]).tolist()) for s, d in data.items()} == {
+        s: set(ids[r].tolist()) for s, r in expected.items()
+    }
+    emb = np.zeros((len(ids), 512), np.float32)
+    emb[:, 0] = 1
+    arrays = {"src_emb": emb, "src_kps": np.zeros((len(ids), 68, 3)), "src_pose": np.zeros((len(ids), 3))}
+    arrays |= {"tgt_emb": emb, "identity": ids}
+    pack_arrays(arrays, tmp_path / "packed", val_fraction=rules.val_fraction, test_fraction=rules.test_fraction, seed=7)
+    packed = ShardSet.open(tmp_path / "packed")
+    assert {s: set(read_split(packed, s)["identity"].tolist()) for s in packed.splits} == {
+        s: set(np.unique(d["identity"]).tolist()) for s, d in data.items()
+    }
+    assert not list((out / extract.CACHE_DIR).glob(extract.STORE_PREFIX + "*"))  # the face store is gone
+
+
+def test_stage2_memory_stays_far_below_the_faces_size(tmp_path, monkeypatch):
+    root, out = synthetic_cache(tmp_path, n_ids=150, videos=2, frames=100, seed=1)
+    n_faces = sum(len(np.load(p)["owner"]) for p in (out / extract.CACHE_DIR / "chunks").glob("*.npz"))
+    faces_bytes = n_faces * (512 + 68 * 3) * 4  # float32 embeddings and landmarks
+    monkeypatch.setattr(extract, "GATHER_ROWS", 1024)
+    tracemalloc.start()
+    try:
+        report = stage2(root, out, pairing.PairingRules())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report["summary"]["pairs"] > 8000 and faces_bytes > 90e6
+    # ~17 MB: ~100 bytes of metadata per face, one gather of 1024 pairs (7 MB) and one block being written;
+    # stage 2 used to hold every face, so its peak was a multiple of faces_bytes
+    assert peak < faces_bytes / 4, (peak, faces_bytes)

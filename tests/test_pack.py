@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dist_train.data.pack import PackError, load_arrays, main, pack
-from dist_train.data.shards import ShardSet, read_split
+from dist_train.data.shards import ShardSet, ShardWriter, read_split, write_split
+from dist_train.data.splits import split_by_identity, split_rows
 
 
 def make_arrays(n_ids: int = 20, per_id: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
@@ -151,3 +152,77 @@ def test_pickled_arrays_are_refused_with_a_fix(tmp_path):
     )
     with pytest.raises(PackError, match="object \\(pickled\\) array"):
         load_arrays(npz=str(tmp_path / "in.npz"))
+
+
+# ---------------------------------------------------------------- the splitter pack, synth and extract share
+
+
+def test_splitter_deals_whole_identities_and_shuffles_rows_as_pack_always_has():
+    arrays = {"identity": np.repeat(np.arange(100, 110), 2), "row": np.arange(20)}
+    parts = split_by_identity(arrays, 0.2, 0.1, seed=3)
+    # pinned: what pack wrote before the splitter was shared, so packed sets stay the same
+    assert {s: p["row"].tolist() for s, p in parts.items()} == {
+        "train": [6, 10, 11, 9, 5, 7, 2, 17, 16, 8, 3, 14, 4, 15],
+        "val": [18, 19, 13, 12],
+        "test": [1, 0],
+    }
+    rows = split_rows(arrays["identity"], 0.2, 0.1, seed=3)
+    assert {s: r.tolist() for s, r in rows.items()} == {s: p["row"].tolist() for s, p in parts.items()}
+    again = split_rows(arrays["identity"], 0.2, 0.1, seed=3)
+    assert all(np.array_equal(rows[s], again[s]) for s in rows)
+    other = split_rows(arrays["identity"], 0.2, 0.1, seed=4)
+    assert any(not np.array_equal(rows[s], other.get(s, [])) for s in rows)
+
+
+@pytest.mark.parametrize(
+    "n_ids, val, test, sizes",
+    [
+        (10, 0.2, 0.1, {"train": 7, "val": 2, "test": 1}),
+        (10, 0.01, 0.01, {"train": 8, "val": 1, "test": 1}),  # a requested split gets at least one identity ...
+        (2, 0.1, 0.1, {"train": 1, "val": 1}),  # ... while train keeps one
+        (1, 0.1, 0.0, {"train": 1}),
+        (10, 0.0, 0.0, {"train": 10}),
+    ],
+)
+def test_splitter_gives_requested_splits_an_identity_while_train_keeps_one(n_ids, val, test, sizes):
+    identity = np.repeat(np.arange(n_ids), 3)
+    rows = split_rows(identity, val, test, seed=0)
+    assert {s: len(np.unique(identity[r])) for s, r in rows.items()} == sizes
+    assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(len(identity)))
+
+
+@pytest.mark.parametrize(
+    "n_ids, val, test, message",
+    [
+        (10, -0.1, 0.0, "--val-fraction -0.1 and --test-fraction 0.0 must be >= 0"),
+        (10, 0.6, 0.4, "--val-fraction 0.6 and --test-fraction 0.4 must be >= 0 and leave identities for training"),
+        (3, 0.5, 0.4, "--val-fraction 0.5 and --test-fraction 0.4 of 3 identities take 2 + 1 identities"),
+    ],
+)
+def test_splitter_errors_name_the_fractions(tmp_path, capsys, n_ids, val, test, message):
+    with pytest.raises(ValueError) as e:
+        split_rows(np.arange(n_ids), val, test, seed=0)
+    assert message in str(e.value)
+    np.savez(tmp_path / "in.npz", **make_arrays(n_ids=n_ids, per_id=2))
+    args = ["--npz", str(tmp_path / "in.npz"), "--out", str(tmp_path / "o"), f"--val-fraction={val}"]
+    assert main([*args, f"--test-fraction={test}"]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "index.json").exists()
+
+
+def test_shard_writer_writes_the_same_bytes_however_the_rows_are_chunked(tmp_path):
+    """extract streams rows through ShardWriter; write_split (pack, synth) is one chunk: same rows, same tar bytes."""
+    arrays = make_arrays(n_ids=50, per_id=11)  # 550 rows: 4 shards of 128 (blocks of 32), the last one short
+    entry = write_split(tmp_path / "whole", "train", arrays, shard_samples=128, block_size=32)
+    assert [s["n_samples"] for s in entry["shards"]] == [128, 128, 128, 128, 38]
+    for cuts in ([1, 33, 34, 300], list(range(0, 550, 100)), list(range(0, 550, 32))):
+        edges = sorted({0, 550, *cuts})
+        with ShardWriter(tmp_path / "chunked", "train", shard_samples=128, block_size=32) as writer:
+            for a, b in zip(edges[:-1], edges[1:]):
+                writer.write({k: v[a:b] for k, v in arrays.items()})
+        assert writer.entry == entry
+        for shard in entry["shards"]:
+            assert (tmp_path / "whole" / shard["file"]).read_bytes() == (
+                tmp_path / "chunked" / shard["file"]
+            ).read_bytes()
+        assert sorted(p.name for p in (tmp_path / "chunked").iterdir()) == [s["file"] for s in entry["shards"]]

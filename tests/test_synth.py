@@ -11,6 +11,7 @@ import pytest
 
 from dist_train.data.schema import YAW_BUCKETS, yaw_bucket_index
 from dist_train.data.shards import ShardSet, read_split
+from dist_train.data.splits import split_rows
 from dist_train.data.synth import CHUNK_IDENTITIES, Distortion, SynthParams, generate, make_shard_set, split_summary
 from dist_train.data.synth import main as synth_main
 from dist_train.geometry import pose_from_landmarks, rotation_matrices
@@ -118,3 +119,13 @@ def test_cli_writes_a_set_prints_the_summary_and_refuses_to_overwrite(tmp_path, 
     assert index["provenance"]["params"]["seed"] == 9
     assert synth_main(cmd[4:]) == 1
     assert "already holds a shard set" in capsys.readouterr().err
+
+
+def test_splits_are_the_shared_splitter_s_on_the_generated_rows(small_shards):
+    """synth splits like pack and extract: the same ids, fractions and seed give the same identities and row order."""
+    ss = ShardSet.open(small_shards)
+    identity = np.repeat(np.arange(200), 12)  # generate() order: identity by identity
+    rows = split_rows(identity, 0.2, 0.1, seed=ss.index["provenance"]["params"]["seed"])
+    assert list(rows) == ss.splits
+    for split in ss.splits:
+        np.testing.assert_array_equal(read_split(ss, split)["identity"], identity[rows[split]])

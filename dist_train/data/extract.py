@@ -5,8 +5,11 @@ pack's detector, ``1k3d68`` landmark model (which gives ``face.pose``) and
 recognition model, using insightface's own ``model_zoo`` classes. Every face
 found is stored in ``OUT/.cache`` (one ``.npz`` chunk per batch of inputs), so a restarted run
 skips the inputs already done. Stage 2 (fast): filters, frontal/profile
-pairing (``pairing.py``) and the shard writer, re-run in full every time, so
-changing a filter or threshold needs no re-extraction.
+pairing (``pairing.py``), the identity split (``splits.py``, shared with pack
+and synth; rows shuffled within each split) and the shard writer, re-run in
+full every time, so changing a filter or threshold needs no re-extraction.
+Stage 2 keeps only light metadata per face in memory; the paired faces'
+embeddings and landmarks go through a temporary on-disk store (see below).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train.data import pairing
-from dist_train.data.schema import EMB_DIM, N_LANDMARKS
-from dist_train.data.shards import INDEX_NAME, write_shard_set
+from dist_train.data import pairing, splits
+from dist_train.data.schema import EMB_DIM, FIELDS, N_LANDMARKS
+from dist_train.data.shards import INDEX_NAME, ShardWriter, write_index
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
@@ -303,7 +306,10 @@ def scan_cache(out: Path, root: Path, inputs: list[Input]) -> dict[str, Path]:
 
 
 def load_records(out: Path, root: Path, inputs: list[Input]) -> dict[str, dict]:
-    """{input: its result} for every input with a current result: the CHUNK_META fields plus face arrays."""
+    """{input: its result} for every input with a current result: the CHUNK_META fields plus face arrays.
+
+    Holds the whole cache in memory: for tests and inspection. Stage 2 reads the cache in bounded memory instead.
+    """
     where = scan_cache(out, root, inputs)
     records = {}
     for path in sorted(set(where.values())):
@@ -488,42 +494,111 @@ def run_stage1(job: Job, todo: list[Input], pack: Pack, progress) -> None:
 
 
 # ---------------------------------------------------------------- stage 2
+#
+# Stage 2 holds only light metadata per face (pose, box, score, identity, image/frame,
+# input, cache row: ~64 bytes) and never the faces' embeddings and landmarks (~2.9 kB)
+# all at once: the first pass reads the cache's small members to filter and pair, the
+# second copies the paired faces' arrays into an on-disk store, the third writes each
+# split's pairs in their shuffled order, gathering GATHER_ROWS rows from the store at a time.
+
+LIGHT_ARRAYS = ("owner", "frame", "pose", "bbox", "score")  # of FACE_ARRAYS: all the first pass reads
+GATHER_ROWS = 4096  # pairs gathered from the store at a time while writing (~28 MB of float32)
+STORE_PREFIX = "stage2-"  # OUT/.cache/stage2-*/: the store, removed when stage 2 ends
+PAIR_FIELDS = ("src_emb", "src_kps", "src_pose", "tgt_emb", "identity", "tgt_centroid")  # what extract writes
 
 
-def collect(inputs: list[Input], records: list[dict], names: list[str]) -> tuple[pairing.Faces, dict, list[dict]]:
-    """Cached records -> one face table, per-input drop counts and problem entries."""
+@dataclass
+class CacheRows:
+    """Where stage 2's faces are: face ``ref`` r is row ``r - starts[c]`` of chunk ``c``'s face arrays."""
+
+    chunks: list[Path]
+    starts: np.ndarray  # (len(chunks) + 1,) first ref of each chunk
+
+
+class _Columns:
+    """Column arrays appended in pieces, concatenated now and then (millions of tiny arrays cost more than their data)."""
+
+    def __init__(self):
+        self.parts: list[dict[str, np.ndarray]] = []
+
+    def add(self, part: dict[str, np.ndarray]) -> None:
+        self.parts.append(part)
+        if len(self.parts) >= 256:
+            self.parts = [self.result()]
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
+
+
+def scan_faces(
+    out: Path, root: Path, inputs: list[Input], names: list[str]
+) -> tuple[pairing.Faces, CacheRows, dict[str, int], list[dict]]:
+    """Stage 2's first pass: the per-input members and light face members of every chunk with a current result.
+
+    Returns every face detected as metadata (in input order, each input's faces
+    in cache order), where their arrays are, per-input drop counts and problem entries.
+    """
+    where = scan_cache(out, root, inputs)
+    source_of = {inp.rel: s for s, inp in enumerate(inputs)}
     ident = {n: i for i, n in enumerate(names)}
-    parts, counts, problems = [], {"unreadable": 0, "wrong_size": 0, "failed": 0, "no_face": 0, "bad_frame": 0}, []
-    groups = 0
-    for source, (inp, rec) in enumerate(zip(inputs, records)):
-        status = str(rec["status"])
-        if status != "ok":
-            counts[status] += 1
-            problems.append({"input": inp.rel, "reason": status, "detail": str(rec["detail"])})
+    identity_of = np.array([ident[inp.identity] for inp in inputs], np.int64)
+    counts = {"unreadable": 0, "wrong_size": 0, "failed": 0, "no_face": 0, "bad_frame": 0}
+    problems: list[tuple[int, dict]] = []
+    seen = np.zeros(len(inputs), bool)
+    chunks, starts = sorted(set(where.values())), [0]
+    columns = _Columns()
+    empty = {k: np.zeros((0, *shape), dtype) for k, (shape, dtype) in FACE_ARRAYS.items() if k in LIGHT_ARRAYS}
+    columns.add(empty | {"source": np.zeros(0, np.int64), "ref": np.zeros(0, np.int64)})
+    for path in chunks:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = {k: z[k] for k in CHUNK_META if k != "stamp"}
+                light = {k: z[k] for k in LIGHT_ARRAYS}
+        except Exception:  # unreadable since scan_cache read it: its inputs count as missing below
+            starts.append(starts[-1])
             continue
-        counts["no_face"] += int(rec["no_face"])
-        counts["bad_frame"] += int(rec["bad_frames"])
-        if not len(rec["frame"]):
-            detail = f"no face in {int(rec['frames'] - rec['bad_frames'])} frame(s)"
-            if rec["bad_frames"]:
-                detail += f", {int(rec['bad_frames'])} more did not decode"
-            problems.append({"input": inp.rel, "reason": "no_face", "detail": detail})
-        frames, group = np.unique(rec["frame"], return_inverse=True)
-        n = len(rec["frame"])
-        parts.append(
-            pairing.Faces(
-                emb=rec["emb"],
-                kps=rec["kps"],
-                pose=rec["pose"],
-                bbox=rec["bbox"],
-                score=rec["score"],
-                identity=np.full(n, ident[inp.identity], np.int64),
-                group=groups + group.reshape(-1).astype(np.int64),
-                source=np.full(n, source, np.int64),
-            )
-        )
-        groups += len(frames)
-    return pairing.Faces.concat(parts), counts, problems
+        source = np.array([source_of[r] if where.get(r) == path else -1 for r in meta["rel"].tolist()], np.int64)
+        valid = np.flatnonzero(source >= 0)
+        seen[source[valid]] = True
+        ok = (source >= 0) & (meta["status"] == "ok")
+        counts["no_face"] += int(meta["no_face"][ok].sum())
+        counts["bad_frame"] += int(meta["bad_frames"][ok].sum())
+        for i in valid[~ok[valid]].tolist():  # unreadable, wrong_size, failed
+            status, s = str(meta["status"][i]), int(source[i])
+            counts[status] += 1
+            problems.append((s, {"input": inputs[s].rel, "reason": status, "detail": str(meta["detail"][i])}))
+        for i in np.flatnonzero(ok & (np.bincount(light["owner"], minlength=len(source)) == 0)).tolist():
+            bad, s = int(meta["bad_frames"][i]), int(source[i])
+            detail = f"no face in {int(meta['frames'][i]) - bad} frame(s)"
+            if bad:
+                detail += f", {bad} more did not decode"
+            problems.append((s, {"input": inputs[s].rel, "reason": "no_face", "detail": detail}))
+        mine = np.flatnonzero(ok[light["owner"]])
+        part = {k: v[mine] for k, v in light.items()}
+        columns.add(part | {"source": source[part["owner"]], "ref": starts[-1] + mine})
+        starts.append(starts[-1] + len(light["owner"]))
+    if not seen.all():  # changed while this run was going: extract them next time
+        missing = [inputs[s].rel for s in np.flatnonzero(~seen)]
+        raise ExtractError(f"{len(missing)} inputs changed during extraction (e.g. {missing[0]}); rerun the command")
+    cols = columns.result()
+    order = np.argsort(cols["source"], kind="stable")  # input order, each input's faces in cache order
+    cols = {k: v[order] for k, v in cols.items()}
+    by_frame = np.lexsort((cols["frame"], cols["source"]))  # one group per (input, frame), numbered in that order
+    new = np.ones(len(by_frame), bool)
+    new[1:] = (np.diff(cols["source"][by_frame]) != 0) | (np.diff(cols["frame"][by_frame]) != 0)
+    group = np.empty(len(by_frame), np.int64)
+    group[by_frame] = np.cumsum(new) - 1
+    faces = pairing.Faces(
+        pose=cols["pose"],
+        bbox=cols["bbox"],
+        score=cols["score"],
+        identity=identity_of[cols["source"]],
+        group=group,
+        source=cols["source"],
+        ref=cols["ref"],
+    )
+    problems.sort(key=lambda p: p[0])
+    return faces, CacheRows(chunks, np.array(starts, np.int64)), counts, [p for _, p in problems]
 
 
 def filtered_inputs(inputs: list[Input], faces: pairing.Faces, reason: np.ndarray) -> list[dict]:
@@ -546,23 +621,109 @@ def filtered_inputs(inputs: list[Input], faces: pairing.Faces, reason: np.ndarra
     return problems
 
 
+@dataclass
+class FaceStore:
+    """The paired faces' arrays, copied once from the cache into float32 .npy memmaps for random access.
+
+    ``emb`` rows: the frontal groups' faces (``pairs.frontal`` order, so each
+    identity's frontal faces are contiguous), then each pair's source face;
+    ``kps`` rows: each pair's source face; ``centroid`` rows: one per frontal group.
+    """
+
+    emb: np.ndarray
+    kps: np.ndarray
+    centroid: np.ndarray
+    tgt_row: np.ndarray  # (P,) emb row of each pair's target
+
+    @classmethod
+    def build(cls, cache: CacheRows, kept: pairing.Faces, pairs: pairing.Pairs, where: Path) -> FaceStore:
+        from numpy.lib.format import open_memmap
+
+        n_frontal, n_pairs = len(pairs.frontal), len(pairs)
+        emb = open_memmap(where / "emb.npy", "w+", np.float32, (n_frontal + n_pairs, EMB_DIM))
+        kps = open_memmap(where / "kps.npy", "w+", np.float32, (n_pairs, N_LANDMARKS, 3))
+        centroid = open_memmap(where / "centroid.npy", "w+", np.float32, (len(pairs.group_identity), EMB_DIM))
+        refs = np.concatenate([kept.ref[pairs.frontal], kept.ref[pairs.src]])
+        kps_row = np.concatenate([np.full(n_frontal, -1, np.int64), np.arange(n_pairs)])
+        order = np.argsort(refs, kind="stable")
+        refs, emb_row, kps_row = refs[order], order, kps_row[order]
+        bounds = np.searchsorted(refs, cache.starts)
+        for c, path in enumerate(cache.chunks):
+            lo, hi = bounds[c], bounds[c + 1]
+            if lo == hi:
+                continue
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    chunk_emb, chunk_kps = z["emb"], z["kps"]
+            except Exception as e:  # disk trouble since the first pass read it
+                raise ExtractError(f"cache chunk {path} became unreadable ({e}); rerun the command") from e
+            if len(chunk_emb) != cache.starts[c + 1] - cache.starts[c]:
+                raise ExtractError(f"cache chunk {path} changed during extraction; rerun the command")
+            local = refs[lo:hi] - cache.starts[c]
+            emb[emb_row[lo:hi]] = chunk_emb[local]
+            has_kps = kps_row[lo:hi] >= 0
+            kps[kps_row[lo:hi][has_kps]] = chunk_kps[local[has_kps]]
+        pairing.group_centroids(emb, pairs.starts, centroid, batch_rows=GATHER_ROWS)
+        position = np.full(len(kept), -1, np.int64)
+        position[pairs.frontal] = np.arange(n_frontal)
+        return cls(emb, kps, centroid, position[pairs.tgt])
+
+    def columns(self, pairs: pairing.Pairs, kept: pairing.Faces, index: np.ndarray) -> dict[str, np.ndarray]:
+        """Sample columns of pairs ``index`` (schema field names), gathered from the store."""
+        n_frontal = len(self.emb) - len(pairs)
+        return {
+            "src_emb": _gather(self.emb, n_frontal + index),
+            "src_kps": _gather(self.kps, index),
+            "src_pose": kept.pose[pairs.src[index]],
+            "tgt_emb": _gather(self.emb, self.tgt_row[index]),
+            "identity": pairs.identity[index],
+            "tgt_centroid": _gather(self.centroid, pairs.centroid[index]),
+        }
+
+
+def _gather(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` as an in-memory array (one copy: memmap pages are read as the rows are taken)."""
+    return np.take(array, rows, axis=0)
+
+
+def write_pairs(
+    out: Path, cache: CacheRows, kept: pairing.Faces, pairs: pairing.Pairs, split_rows: dict[str, np.ndarray]
+) -> dict[str, dict]:
+    """Write each split's pairs in the given (shuffled) order through a face store; returns the index entries."""
+    import shutil
+    import tempfile
+
+    cache_dir = out / CACHE_DIR
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in cache_dir.glob(STORE_PREFIX + "*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    where = Path(tempfile.mkdtemp(prefix=STORE_PREFIX, dir=cache_dir))
+    try:
+        store = FaceStore.build(cache, kept, pairs, where)
+        entries = {}
+        for name, rows in split_rows.items():
+            with ShardWriter(out, name) as writer:
+                for i in range(0, len(rows), GATHER_ROWS):
+                    writer.write(store.columns(pairs, kept, rows[i : i + GATHER_ROWS]))
+            entries[name] = writer.entry
+        return entries
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 def run_stage2(
     job: Job, inputs: list[Input], names: list[str], problems: list[dict], pack_files: dict, reused: int
 ) -> dict:
     """Filter, pair, split, write the shard set and the report; returns the report."""
-    found = load_records(job.out, job.root, inputs)
-    records = [found.get(inp.rel) for inp in inputs]
-    missing = [inp.rel for inp, rec in zip(inputs, records) if rec is None]
-    if missing:  # changed while this run was going: extract them next time
-        raise ExtractError(f"{len(missing)} inputs changed during extraction (e.g. {missing[0]}); rerun the command")
-    faces, counts, more = collect(inputs, records, names)
+    faces, cache, counts, more = scan_faces(job.out, job.root, inputs, names)
     kept, reason = pairing.select_faces(faces, job.face_filter)
     counts.update(pairing.count_reasons(reason))
     problems = problems + more + filtered_inputs(inputs, faces, reason)
+    del reason
     for p in problems:
         if p["reason"] in ("unsupported_file", "outside_identity"):
             counts[p["reason"]] = counts.get(p["reason"], 0) + 1
-    columns, pair_counts = pairing.make_pairs(kept, job.rules)
+    pairs, pair_counts = pairing.make_pairs(kept, job.rules)
     counts.update(pair_counts)
     dropped = {k: int(counts.get(k, 0)) for k in DROP_UNITS}
     yaw = np.abs(kept.pose[:, 1])
@@ -574,13 +735,13 @@ def run_stage2(
         "faces_kept": len(kept),
         "frontal_faces": int((yaw <= job.rules.frontal_yaw).sum()),
         "profile_faces": int((yaw >= job.rules.profile_yaw).sum()),
-        "pairs": len(columns.get("identity", [])),
+        "pairs": len(pairs),
         "identities": len(names),
-        "identities_with_pairs": len(np.unique(columns["identity"])) if columns else 0,
+        "identities_with_pairs": len(pairs.group_identity),
     }
     report = {"summary": summary, "dropped": dropped, "units": DROP_UNITS, "problems": problems}
     (job.out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    if not columns:
+    if not len(pairs):
         raise ExtractError(
             f"no profile/frontal pairs: {summary['faces_kept']} faces kept, {summary['frontal_faces']} frontal "
             f"(|yaw| <= {job.rules.frontal_yaw}), {summary['profile_faces']} profile (|yaw| >= {job.rules.profile_yaw}), "
@@ -589,7 +750,8 @@ def run_stage2(
     import insightface
     import onnxruntime
 
-    splits = pairing.split_by_identity(columns, job.rules)
+    del faces, yaw  # from here on: the kept faces' and the pairs' metadata, and the store
+    split_rows = splits.split_rows(pairs.identity, job.rules.val_fraction, job.rules.test_fraction, job.rules.seed)
     extract_info = {
         "root": str(job.root.resolve()),
         "model_pack": {"dir": str(Path(job.settings.pack).resolve()), "files": pack_files},
@@ -606,10 +768,16 @@ def run_stage2(
         "insightface": insightface.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-    write_shard_set(
-        job.out, splits, provenance=provenance, skipped=dropped, extra={"identities": names, "extract": extract_info}
+    entries = write_pairs(job.out, cache, kept, pairs, split_rows)
+    write_index(
+        job.out,
+        entries,
+        fields=[k for k in FIELDS if k in PAIR_FIELDS],
+        provenance=provenance,
+        skipped=dropped,
+        extra={"identities": names, "extract": extract_info},
     )
-    report["splits"] = {k: len(v["identity"]) for k, v in splits.items()}
+    report["splits"] = {k: len(v) for k, v in split_rows.items()}
     return report
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from dist_train import __version__
 from dist_train.data.schema import DEFAULT_BLOCK_SIZE, EMBEDDING_FIELDS, FIELDS, REQUIRED, finite_rows
 from dist_train.data.shards import DEFAULT_SHARD_SAMPLES, INDEX_NAME, add_layout_arguments, write_shard_set
+from dist_train.data.splits import split_by_identity
 
 # Each skipped row is counted once, under the first reason that applies, so the
 # counts add up to the number of rows skipped.
@@ -123,43 +124,6 @@ def renormalise(columns: dict[str, np.ndarray]) -> dict[str, int]:
         columns[name] = a
         counts[name] = int(off.sum())
     return counts
-
-
-def split_by_identity(
-    arrays: dict[str, np.ndarray], val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, dict[str, np.ndarray]]:
-    """Assign whole identities to train/val/test and shuffle rows within each split.
-
-    Shuffling spreads identities and poses over blocks, so a reader that
-    shuffles blocks still mixes identities within a batch. Empty splits are left out.
-    """
-    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
-        raise PackError(
-            f"--val-fraction {val_fraction} and --test-fraction {test_fraction} must be >= 0 and sum to < 1"
-        )
-    rng = np.random.default_rng(seed)
-    ids = np.unique(arrays["identity"])
-    order = ids[rng.permutation(len(ids))]
-    n_val = _share(len(ids), val_fraction)
-    n_test = _share(len(ids), test_fraction)
-    if n_val + n_test >= len(ids):
-        raise PackError(
-            f"{len(ids)} identities are too few for val {n_val} + test {n_test} identities and a train split; "
-            "lower --val-fraction/--test-fraction or add identities"
-        )
-    groups = {"train": order[n_val + n_test :], "val": order[:n_val], "test": order[n_val : n_val + n_test]}
-    out = {}
-    for split, members in groups.items():
-        rows = np.flatnonzero(np.isin(arrays["identity"], members))
-        if len(rows):
-            rows = rows[rng.permutation(len(rows))]
-            out[split] = {k: v[rows] for k, v in arrays.items()}
-    return out
-
-
-def _share(n_ids: int, fraction: float) -> int:
-    """Identities for a split: rounded, but at least one when the fraction is positive."""
-    return max(1, round(n_ids * fraction)) if fraction > 0 else 0
 
 
 def pack(

@@ -1,9 +1,13 @@
-"""Extracted faces -> profile/frontal training pairs, split by identity.
+"""Extracted faces -> profile/frontal training pairs.
 
-Pure numpy on the face table that ``extract`` builds from its cache, so the
-rules (filters, yaw thresholds, per-identity limits, splits) are testable
-without any model. Every face that does not end up in a pair is counted under
-the reason why; the counts go to ``index.json["skipped"]``.
+Pure numpy on light per-face metadata (pose, box, score, identity, image or
+frame, input file): the rules (filters, yaw thresholds, per-identity limits)
+run on it without the faces' embeddings and landmarks, which stay on disk
+until ``extract`` gathers the rows a shard needs. So the rules are testable
+without any model, and a set of millions of faces fits in memory. Every face
+that does not end up in a pair is counted under the reason why; the counts go
+to ``index.json["skipped"]``. Splitting is ``splits.py``'s, shared with pack
+and synth.
 """
 
 from __future__ import annotations
@@ -12,47 +16,28 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from dist_train.data.schema import EMB_DIM, N_LANDMARKS
+from dist_train.data.splits import check_fractions
 
 KEEP_POLICIES = ("largest", "all")
 
 
 @dataclass
 class Faces:
-    """One row per detected face."""
+    """One row per detected face: what the filters and the pairing need, not the face's arrays."""
 
-    emb: np.ndarray  # (N, 512) float32, L2-normalised (face.normed_embedding)
-    kps: np.ndarray  # (N, 68, 3) float32, face.landmark_3d_68
     pose: np.ndarray  # (N, 3) float32, face.pose: pitch, yaw, roll in degrees
     bbox: np.ndarray  # (N, 4) float32, x0 y0 x1 y1 pixels
     score: np.ndarray  # (N,) float32 detection score
     identity: np.ndarray  # (N,) int64
     group: np.ndarray  # (N,) int64, one number per image or video frame
     source: np.ndarray  # (N,) int64, index of the input file
+    ref: np.ndarray  # (N,) int64, where the face's embedding and landmarks are (extract: its row in the cache)
 
     def __len__(self) -> int:
         return len(self.identity)
 
     def take(self, index: np.ndarray) -> Faces:
         return Faces(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-    @classmethod
-    def empty(cls) -> Faces:
-        return cls(
-            emb=np.zeros((0, EMB_DIM), np.float32),
-            kps=np.zeros((0, N_LANDMARKS, 3), np.float32),
-            pose=np.zeros((0, 3), np.float32),
-            bbox=np.zeros((0, 4), np.float32),
-            score=np.zeros(0, np.float32),
-            identity=np.zeros(0, np.int64),
-            group=np.zeros(0, np.int64),
-            source=np.zeros(0, np.int64),
-        )
-
-    @classmethod
-    def concat(cls, parts: list[Faces]) -> Faces:
-        parts = [p for p in parts if len(p)] or [cls.empty()]
-        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -67,9 +52,9 @@ class PairingRules:
     frontal_yaw: float = 20.0  # |yaw| <= this: frontal (a target)
     profile_yaw: float = 45.0  # |yaw| >= this: profile (a source)
     max_pairs_per_identity: int | None = None
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # splits.split_rows, like pack and synth
     test_fraction: float = 0.0
-    seed: int = 0
+    seed: int = 0  # of the pairing (targets dealt, identity caps) and of the split
 
     def check(self) -> None:
         if not 0.0 <= self.frontal_yaw < self.profile_yaw <= 90.0:
@@ -78,11 +63,29 @@ class PairingRules:
             )
         if self.max_pairs_per_identity is not None and self.max_pairs_per_identity < 1:
             raise ValueError(f"max pairs per identity must be >= 1, got {self.max_pairs_per_identity}")
-        if min(self.val_fraction, self.test_fraction) < 0 or self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(
-                f"val fraction {self.val_fraction} and test fraction {self.test_fraction} must be >= 0 "
-                "and leave identities for training (sum < 1)"
-            )
+        check_fractions(self.val_fraction, self.test_fraction)
+
+
+@dataclass
+class Pairs:
+    """Profile -> frontal pairs as rows of the ``Faces`` table they were made from.
+
+    Pair ``i`` is source face ``src[i]`` with target face ``tgt[i]`` and the
+    centroid of frontal group ``centroid[i]``: the normalised mean embedding of
+    faces ``frontal[starts[g]:starts[g + 1]]``, all frontal faces of identity
+    ``group_identity[g]``.
+    """
+
+    src: np.ndarray  # (P,) int64
+    tgt: np.ndarray  # (P,) int64
+    identity: np.ndarray  # (P,) int64
+    centroid: np.ndarray  # (P,) int64, index of the frontal group
+    frontal: np.ndarray  # (F,) int64, face rows of the frontal groups, group by group
+    starts: np.ndarray  # (G + 1,) int64
+    group_identity: np.ndarray  # (G,) int64
+
+    def __len__(self) -> int:
+        return len(self.src)
 
 
 def select_faces(faces: Faces, rule: FaceFilter) -> tuple[Faces, np.ndarray]:
@@ -115,10 +118,6 @@ def count_reasons(reason: np.ndarray) -> dict[str, int]:
     return {str(n): int(c) for n, c in zip(names, counts)}
 
 
-def _normalise(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
 def _rows_by_identity(mask: np.ndarray, identity: np.ndarray) -> dict[int, np.ndarray]:
     """{identity: row indices where mask}, in one sort instead of one scan per identity."""
     rows = np.flatnonzero(mask)
@@ -127,12 +126,12 @@ def _rows_by_identity(mask: np.ndarray, identity: np.ndarray) -> dict[int, np.nd
     return dict(zip(ids.tolist(), np.split(rows, starts[1:])))
 
 
-def make_pairs(faces: Faces, rules: PairingRules) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def make_pairs(faces: Faces, rules: PairingRules) -> tuple[Pairs, dict[str, int]]:
     """Pair every profile face with a frontal face and the frontal centroid of its identity.
 
     Frontal targets are dealt round-robin from a seeded shuffle, so an
-    identity's frontal faces are used about equally often. Returns sample
-    columns (schema field names) and counts of faces dropped as ``mid_yaw``
+    identity's frontal faces are used about equally often. Returns the pairs
+    (identities in ascending order) and counts of faces dropped as ``mid_yaw``
     (between the thresholds), ``no_frontal`` (profile face of an identity
     without a frontal face) and ``identity_limit`` (over the per-identity cap).
     """
@@ -143,7 +142,7 @@ def make_pairs(faces: Faces, rules: PairingRules) -> tuple[dict[str, np.ndarray]
     profile_mask = abs_yaw >= rules.profile_yaw
     counts = {"mid_yaw": int((~frontal_mask & ~profile_mask).sum()), "no_frontal": 0, "identity_limit": 0}
     frontal_of = _rows_by_identity(frontal_mask, faces.identity)
-    src, tgt, centroids = [], [], []
+    src, tgt, groups = [], [], []
     for ident, profile in _rows_by_identity(profile_mask, faces.identity).items():
         frontal = frontal_of.get(ident)
         if frontal is None:
@@ -156,42 +155,58 @@ def make_pairs(faces: Faces, rules: PairingRules) -> tuple[dict[str, np.ndarray]
         dealt = rng.permutation(frontal)
         src.append(profile)
         tgt.append(dealt[np.arange(len(profile)) % len(dealt)])
-        centroid = _normalise(faces.emb[frontal].astype(np.float64).mean(0))
-        centroids.append(np.repeat(centroid[None].astype(np.float32), len(profile), 0))
+        groups.append((ident, frontal))
+    empty = np.zeros(0, np.int64)
     if not src:
-        return {}, counts
-    s, t = np.concatenate(src), np.concatenate(tgt)
-    columns = {
-        "src_emb": faces.emb[s],
-        "src_kps": faces.kps[s],
-        "src_pose": faces.pose[s],
-        "tgt_emb": faces.emb[t],
-        "identity": faces.identity[s],
-        "tgt_centroid": np.concatenate(centroids),
-    }
-    return columns, counts
+        return Pairs(empty, empty, empty, empty, empty, np.zeros(1, np.int64), empty), counts
+    sizes = np.array([len(p) for p in src])
+    group_sizes = np.array([len(f) for _, f in groups])
+    pairs = Pairs(
+        src=np.concatenate(src).astype(np.int64),
+        tgt=np.concatenate(tgt).astype(np.int64),
+        identity=np.repeat(np.array([i for i, _ in groups], np.int64), sizes),
+        centroid=np.repeat(np.arange(len(groups), dtype=np.int64), sizes),
+        frontal=np.concatenate([f for _, f in groups]).astype(np.int64),
+        starts=np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64),
+        group_identity=np.array([i for i, _ in groups], np.int64),
+    )
+    return pairs, counts
 
 
-def split_by_identity(columns: dict[str, np.ndarray], rules: PairingRules) -> dict[str, dict[str, np.ndarray]]:
-    """Deal whole identities to train/val/test by a seeded shuffle; empty splits are left out.
+def group_centroids(emb, starts: np.ndarray, out: np.ndarray, batch_rows: int = 4096) -> np.ndarray:
+    """``out[g]`` = normalised mean of ``emb[starts[g]:starts[g + 1]]`` (float64 sums), for every group.
 
-    A requested val or test split gets at least one identity as long as train
-    keeps one, so a small set still has something to validate on.
+    ``emb`` is any row-sliceable (N, D) array, such as an on-disk memmap whose
+    rows are laid out group by group; at most ``batch_rows`` of its rows are
+    read into memory at a time, so a group may be larger than a batch.
     """
-    rules.check()
-    idents = np.unique(columns["identity"])
-    order = np.random.default_rng(rules.seed + 1).permutation(idents)
-    n = len(order)
-    n_val = int(round(rules.val_fraction * n))
-    n_test = int(round(rules.test_fraction * n))
-    if rules.val_fraction > 0 and n_val == 0 and n - n_test >= 2:
-        n_val = 1
-    if rules.test_fraction > 0 and n_test == 0 and n - n_val >= 2:
-        n_test = 1
-    parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
-    splits = {}
-    for name in ("train", "val", "test"):
-        rows = np.isin(columns["identity"], parts[name])
-        if rows.any():
-            splits[name] = {k: v[rows] for k, v in columns.items()}
-    return splits
+    n_groups = len(starts) - 1
+    total = np.zeros(out.shape[1], np.float64)
+    g = 0
+    for lo in range(0, int(starts[-1]), batch_rows):
+        hi = min(lo + batch_rows, int(starts[-1]))
+        block = np.asarray(emb[lo:hi], dtype=np.float64)
+        while g < n_groups and starts[g] < hi:
+            a, b = max(int(starts[g]), lo), min(int(starts[g + 1]), hi)
+            total += block[a - lo : b - lo].sum(0)
+            if starts[g + 1] > hi:  # continues in the next batch
+                break
+            mean = total / (starts[g + 1] - starts[g])
+            out[g] = mean / np.linalg.norm(mean)
+            total[:] = 0.0
+            g += 1
+    return out
+
+
+def pair_columns(faces_emb: np.ndarray, faces_kps: np.ndarray, faces: Faces, pairs: Pairs) -> dict[str, np.ndarray]:
+    """Sample columns (schema field names) of all pairs from in-memory per-face arrays (rows of ``faces``)."""
+    centroids = np.zeros((len(pairs.group_identity), faces_emb.shape[1]), np.float32)
+    group_centroids(faces_emb[pairs.frontal], pairs.starts, centroids)
+    return {
+        "src_emb": faces_emb[pairs.src],
+        "src_kps": faces_kps[pairs.src],
+        "src_pose": faces.pose[pairs.src],
+        "tgt_emb": faces_emb[pairs.tgt],
+        "identity": pairs.identity,
+        "tgt_centroid": centroids[pairs.centroid],
+    }

@@ -18,6 +18,7 @@ import functools
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,143 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class ShardWriter:
+    """Streams one split, given as row chunks of any size, into ``{split}-NNNNNN.tar`` files.
+
+    Shards are cut every ``shard_samples`` rows and blocks every ``block_size``
+    rows (only the split's last block and shard are shorter), so the same rows
+    give the same bytes however they are chunked; ``write_split`` is one chunk.
+    Fields are cast to their storage dtype block by block, and at most one
+    block's worth of rows is kept between calls. Each tar is written under a
+    temporary name and renamed when complete, so a crash never leaves a tar
+    that looks whole. ``close`` returns the split's index entry (also in
+    ``entry``); as a context manager it closes, or removes the unfinished tar
+    on an error.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        split: str,
+        *,
+        shard_samples: int = DEFAULT_SHARD_SAMPLES,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ):
+        if shard_samples % block_size:
+            raise ValueError(f"shard_samples ({shard_samples}) must be a multiple of block_size ({block_size})")
+        self.out, self.split = Path(out_dir), split
+        self.shard_samples, self.block_size = shard_samples, block_size
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.fields: list[str] | None = None  # member order in every block: the first chunk's key order
+        self.n_samples = 0  # rows written into blocks so far
+        self.shards: list[dict] = []
+        self.entry: dict | None = None
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._n_pending = 0
+        self._identities = np.zeros(0, np.int64)  # sorted unique identities written
+        self._sink = None
+        self._tmp: Path | None = None
+        self._in_shard = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, arrays: dict[str, np.ndarray]) -> None:
+        """Append rows (schema field names, all chunks with the same fields); full blocks are written now."""
+        if self.entry is not None:
+            raise ValueError(f"split {self.split!r} is closed")
+        n = check_arrays(arrays)
+        if self.fields is None:
+            self.fields = list(arrays)
+        elif set(arrays) != set(self.fields):
+            raise ValueError(f"chunk has fields {sorted(arrays)}; earlier chunks of {self.split!r} had {self.fields}")
+        if n == 0:
+            return
+        self._identities = np.union1d(self._identities, arrays["identity"])
+        self._pending.append(arrays)
+        self._n_pending += n
+        while self._n_pending >= self.block_size:
+            self._write_block(self._take(self.block_size))
+        # keep a private copy of the rest (less than a block): the caller may reuse its arrays
+        self._pending = [{k: np.array(v) for k, v in p.items()} for p in self._pending]
+
+    def close(self) -> dict:
+        """Write the last (short) block, finish the last tar; returns the split's index entry."""
+        if self.entry is None:
+            if self._n_pending:
+                self._write_block(self._take(self._n_pending))
+            self._finish_shard()
+            self.entry = {
+                "shards": self.shards,
+                "n_samples": int(self.n_samples),
+                "n_identities": int(len(self._identities)) if self.n_samples else 0,
+            }
+        return self.entry
+
+    def abort(self) -> None:
+        """Drop the unfinished tar (finished ones stay; no index lists them)."""
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+            self._tmp.unlink(missing_ok=True)
+
+    def _take(self, n: int) -> dict[str, np.ndarray]:
+        """The first n pending rows (a view when one chunk holds them all)."""
+        first = self._pending[0]
+        m = len(first["identity"])
+        if m >= n:
+            rows = {k: v[:n] for k, v in first.items()}
+            if m > n:
+                self._pending[0] = {k: v[n:] for k, v in first.items()}
+            else:
+                self._pending.pop(0)
+        else:
+            parts, got = [], 0
+            while got < n:
+                p = self._pending.pop(0)
+                k = min(n - got, len(p["identity"]))
+                parts.append({f: v[:k] for f, v in p.items()})
+                if k < len(p["identity"]):
+                    self._pending.insert(0, {f: v[k:] for f, v in p.items()})
+                got += k
+            rows = {f: np.concatenate([p[f] for p in parts]) for f in self.fields}
+        self._n_pending -= n
+        return rows
+
+    def _write_block(self, rows: dict[str, np.ndarray]) -> None:
+        import webdataset as wds
+
+        if self._sink is None:
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self._tmp = self.out / (name + ".tmp")
+            self._sink = wds.TarWriter(str(self._tmp), encoder=False, mtime=0)  # fixed mtime: same rows, same bytes
+        sample = {"__key__": f"b{self.n_samples // self.block_size:06d}"}
+        for k in self.fields:
+            sample[f"{k}.npy"] = _npy_bytes(np.ascontiguousarray(rows[k], dtype=FIELDS[k].storage))
+        self._sink.write(sample)
+        n = len(rows["identity"])
+        self.n_samples += n
+        self._in_shard += n
+        if self._in_shard >= self.shard_samples:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._sink is None:
+            return
+        self._sink.close()
+        self._sink = None
+        name = self._tmp.name[: -len(".tmp")]
+        os.replace(self._tmp, self.out / name)
+        self.shards.append({"file": name, "n_samples": int(self._in_shard)})
+        self._in_shard = 0
+
+
 def write_split(
     out_dir: str | os.PathLike,
     split: str,
@@ -59,40 +197,11 @@ def write_split(
     shard_samples: int = DEFAULT_SHARD_SAMPLES,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> dict:
-    """Write one split as ``{split}-NNNNNN.tar`` files; returns its index entry.
-
-    Each tar is written under a temporary name and renamed when complete, so a
-    crash never leaves a tar that looks whole.
-    """
-    import webdataset as wds
-
-    n = check_arrays(arrays)
-    if shard_samples % block_size:
-        raise ValueError(f"shard_samples ({shard_samples}) must be a multiple of block_size ({block_size})")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stored = {k: np.ascontiguousarray(v, dtype=FIELDS[k].storage) for k, v in arrays.items()}
-    shards = []
-    for shard_no, start in enumerate(range(0, max(n, 1), shard_samples)):
-        stop = min(start + shard_samples, n)
-        if stop <= start:
-            break
-        name = f"{split}-{shard_no:06d}.tar"
-        tmp = out / (name + ".tmp")
-        with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:  # fixed mtime: same arrays, same bytes
-            for b0 in range(start, stop, block_size):
-                b1 = min(b0 + block_size, stop)
-                sample = {"__key__": f"b{b0 // block_size:06d}"}
-                for k, v in stored.items():
-                    sample[f"{k}.npy"] = _npy_bytes(v[b0:b1])
-                sink.write(sample)
-        os.replace(tmp, out / name)
-        shards.append({"file": name, "n_samples": int(stop - start)})
-    return {
-        "shards": shards,
-        "n_samples": int(n),
-        "n_identities": int(len(np.unique(arrays["identity"]))) if n else 0,
-    }
+    """Write one split's arrays as ``{split}-NNNNNN.tar`` files (one ``ShardWriter`` chunk); returns its index entry."""
+    check_arrays(arrays)
+    with ShardWriter(out_dir, split, shard_samples=shard_samples, block_size=block_size) as writer:
+        writer.write(arrays)
+    return writer.entry
 
 
 def write_index(
@@ -245,6 +354,27 @@ def decode_block(sample: dict, *, storage: bool = False) -> dict[str, np.ndarray
     return out
 
 
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\.tar")
+
+
+def _check_shard_name(index_path: Path, split: str, name) -> None:
+    """A shard entry must be a plain ``.tar`` file name in the set's own directory.
+
+    Shard sets are data people download and share: an entry must never be a
+    command (``pipe:...``), a URL or a path out of the folder.
+    """
+    if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or name in (".", ".."):
+        raise ShardSetError(
+            f"{index_path}: split {split!r} lists shard {name!r}, which is not a plain file name ending in .tar "
+            "(letters, digits, '_', '-', '.'; no '/', ':' or scheme); a shard set only names tar files in its own "
+            "directory. Re-create the set with `dist-train pack` or fix index.json"
+        )
+    if (index_path.parent / name).is_symlink():
+        raise ShardSetError(
+            f"{index_path}: shard {name!r} of split {split!r} is a symbolic link; copy the file into the set instead"
+        )
+
+
 @dataclass
 class ShardSet:
     """An opened shard set: validated ``index.json`` plus resolved shard paths."""
@@ -277,6 +407,9 @@ class ShardSet:
             )
         if not index.get("splits"):
             raise ShardSetError(f"{idx} lists no splits")
+        for split, entry in index["splits"].items():
+            for shard in entry.get("shards", []):
+                _check_shard_name(idx, split, shard.get("file") if isinstance(shard, dict) else shard)
         return cls(root, index)
 
     @property
