@@ -1,18 +1,40 @@
-"""dist-train inspect: finds what was planted, stays quiet on clean data, reports corrupt shards."""
+"""dist-train inspect: finds what was planted, stays quiet on clean data, reports corrupt shards; streams in bounded memory."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dist_train.data.inspect import inspect, main
-from dist_train.data.schema import YAW_BUCKETS
+from dist_train.data import inspect as inspect_module
+from dist_train.data.inspect import (
+    COS_BIN,
+    LANDMARK_CHECK_MAX,
+    MIN_ROBUST_SD,
+    OFF_UNIT,
+    SUSPICIOUS_ROBUST_Z,
+    CosHistogram,
+    LandmarkRows,
+    Reservoir,
+    inspect,
+    main,
+    row_hashes,
+)
+from dist_train.data.pack import ZERO_NORM
+from dist_train.data.schema import EMBEDDING_FIELDS, YAW_BUCKETS, yaw_bucket_index
 from dist_train.data.shards import ShardSet, read_split, write_index, write_split
+from dist_train.data.synth import SynthParams, generate
+from dist_train.metrics import quality, row_cos
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def run_inspect(*args: str) -> subprocess.CompletedProcess:
@@ -102,3 +124,228 @@ def test_not_a_shard_set_exits_nonzero_with_a_clear_message(tmp_path, capsys):
     assert "holds no shard set" in err and "dist-train synth" in err
     assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- streaming: the same figures as the in-memory computation, in bounded memory ----------------------
+
+
+def reference_split(a: dict[str, np.ndarray]) -> dict:
+    """The exact figures of one split computed the old way, from the whole split in memory (read_split)."""
+    n = len(a["identity"])
+    non_finite = ~np.isfinite(np.concatenate([a[k].reshape(n, -1) for k in a if k != "identity"], axis=1)).all(1)
+    norms = {k: np.linalg.norm(a[k].astype(np.float64), axis=1) for k in EMBEDDING_FIELDS if k in a}
+    zero = np.any([nm < ZERO_NORM for nm in norms.values()], axis=0) & ~non_finite
+    clean = ~(non_finite | zero)
+    pose = a["src_pose"][np.isfinite(a["src_pose"]).all(1)]
+    r = {
+        "n_samples": n,
+        "n_identities": len(np.unique(a["identity"])),
+        "yaw_bucket_counts": {b: int((yaw_bucket_index(pose[:, 1]) == i).sum()) for i, b in enumerate(YAW_BUCKETS)},
+        "yaw_histogram": np.histogram(np.clip(pose[:, 1], -90, 90), bins=np.arange(-90.0, 91.0, 10.0))[0].tolist(),
+        "pitch_histogram": np.histogram(np.clip(pose[:, 0], -60, 60), bins=np.arange(-60.0, 61.0, 10.0))[0].tolist(),
+        "non_finite_rows": int(non_finite.sum()),
+        "zero_norm_rows": int(zero.sum()),
+        "clean_rows": int(clean.sum()),
+        "fields": {},
+    }
+    for k in (k for k in a if k != "identity"):
+        r["fields"][k] = {"non_finite_rows": int((~np.isfinite(a[k].reshape(n, -1)).all(1)).sum())}
+        if k in norms:
+            ok = norms[k][np.isfinite(norms[k])]
+            r["fields"][k] |= {"zero_norm_rows": int((ok < ZERO_NORM).sum())}
+            r["fields"][k]["norm"] = {"min": ok.min(), "mean": ok.mean(), "max": ok.max()}
+            r["fields"][k]["norm"]["off_unit_rows"] = int((np.abs(ok - 1) > OFF_UNIT).sum())
+    c = {k: v[clean] for k, v in a.items()}
+    q = quality(c["src_emb"], c["tgt_emb"], c["src_emb"], c["src_pose"][:, 1], c["identity"], c["oracle_emb"])
+    r |= {k: q[k] for k in ("identity_baseline_cos", "oracle_cos", "baseline_impostor_cos")}
+    r["baseline_tar_at_far"] = {far: e["baseline"] for far, e in q["tar_at_far"].items()}
+    r["per_yaw"] = {b: {k: e[k] for k in ("n", "baseline", "oracle")} for b, e in q["per_yaw"].items()}
+    r["suspicious"] = reference_suspicious(c, np.flatnonzero(clean))
+    finite = np.isfinite(a["src_kps"].reshape(n, -1)).all(1) & np.isfinite(a["src_pose"]).all(1)
+    r["landmarks_checked"] = min(int(finite.sum()), LANDMARK_CHECK_MAX)
+    _, inverse, counts = np.unique(a["src_emb"], axis=0, return_inverse=True, return_counts=True)
+    r["duplicates"] = (
+        n - len(counts),
+        sorted(np.flatnonzero(inverse.ravel() == g).tolist() for g in np.flatnonzero(counts > 1)),
+    )
+    return r
+
+
+def assert_close(got, want, path: str) -> None:
+    """Equal structure and keys; ints equal, floats within 1e-9."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for k in want:
+            assert_close(got[k], want[k], f"{path}/{k}")
+    elif isinstance(want, (int, np.integer)):
+        assert got == want, path
+    else:
+        assert got == pytest.approx(float(want), rel=0, abs=1e-9), path
+
+
+def reference_suspicious(c: dict[str, np.ndarray], index: np.ndarray) -> list[int]:
+    """Row indices with robust z < -SUSPICIOUS_ROBUST_Z, from exact per-bucket medians and MADs."""
+    cos = row_cos(c["src_emb"], c["tgt_emb"])
+    bucket = yaw_bucket_index(c["src_pose"][:, 1])
+    flagged = []
+    for b in np.unique(bucket):
+        m = bucket == b
+        med = np.median(cos[m])
+        sd = max(1.4826 * np.median(np.abs(cos[m] - med)), MIN_ROBUST_SD)
+        flagged += index[m][(cos[m] - med) / sd < -SUSPICIOUS_ROBUST_Z].tolist()
+    return sorted(flagged)
+
+
+@pytest.fixture(scope="module")
+def leaky_set(small_shards, tmp_path_factory) -> tuple:
+    """Two splits with planted problems in several shards, and 3 val rows (and identities) copied into train."""
+    s = ShardSet.open(small_shards)
+    val, train = read_split(s, "val"), read_split(s, "train")
+    val["src_emb"][0, 5] = np.nan
+    val["tgt_emb"][1] = 0.0
+    val["src_kps"][2, 7, 1] = np.inf
+    for i in [10, 11, 200, 201, 470]:  # wrong frontal images, in different blocks and shards
+        val["tgt_emb"][i] = val["tgt_emb"][(i + 240) % 480]
+    for dst, src in ((20, 21), (300, 40), (301, 40)):
+        for k in val:
+            val[k][dst] = val[k][src]
+    val["src_pose"][30, 2] += 45.0
+    for k in train:
+        train[k][[5, 900, 1600]] = val[k][[100, 101, 102]]
+    out = tmp_path_factory.mktemp("leaky") / "set"
+    entries = {
+        name: write_split(out, name, a, shard_samples=256, block_size=128)
+        for name, a in (("train", train), ("val", val))
+    }
+    write_index(out, entries, fields=list(val), provenance={"test": "planted"}, block_size=128)
+    return out, {"train": train, "val": val}
+
+
+def test_streamed_report_equals_the_in_memory_computation(leaky_set):
+    out, arrays = leaky_set
+    r, _ = inspect(out)
+    for split, a in arrays.items():
+        got, want = r["splits"][split], reference_split(a)
+        for key in (
+            "n_samples",
+            "n_identities",
+            "yaw_bucket_counts",
+            "non_finite_rows",
+            "zero_norm_rows",
+            "clean_rows",
+        ):
+            assert got[key] == want[key], key
+        assert got["yaw_histogram"]["counts"] == want["yaw_histogram"]
+        assert got["pitch_histogram"]["counts"] == want["pitch_histogram"]
+        for key in ("fields", "identity_baseline_cos", "oracle_cos", "baseline_impostor_cos", "baseline_tar_at_far"):
+            assert_close(got[key], want[key], key)
+        assert_close(got["per_yaw"], want["per_yaw"], "per_yaw")
+        assert sorted(e["index"] for e in got["suspicious_pairs"]["listed"]) == want["suspicious"]
+        assert got["suspicious_pairs"]["count"] == len(want["suspicious"])
+        assert (got["duplicates"]["count"], sorted(got["duplicates"]["groups"])) == want["duplicates"]
+        assert got["landmarks"]["checked"] == want["landmarks_checked"]
+    val = r["splits"]["val"]
+    assert val["suspicious_pairs"]["count"] == 5 and val["duplicates"]["count"] == 3
+    assert val["landmarks"]["disagree"] == 1 and val["landmarks"]["listed"][0]["index"] == 30
+    ids = [set(a["identity"].tolist()) for a in arrays.values()]
+    assert r["cross_split"] == {"identity_overlap": len(ids[0] & ids[1]), "duplicate_rows": 6}
+    assert r["n_identities"] == len(ids[0] | ids[1])
+
+
+def test_cos_histogram_median_and_mad_are_within_one_bin():
+    rng = np.random.default_rng(3)
+    for cos in (0.6 + 0.05 * rng.standard_normal(5001), np.r_[0.9 + 0.01 * rng.standard_normal(2000), [0.1] * 30]):
+        h = CosHistogram()
+        h.add(np.full(len(cos), 2), cos)
+        median, sd = h.median_sd(2)
+        assert median == pytest.approx(np.median(cos), abs=COS_BIN)
+        assert sd == pytest.approx(1.4826 * np.median(np.abs(cos - np.median(cos))), abs=1.4826 * COS_BIN)
+        assert h.median_sd(0) is None
+
+
+def test_reservoir_is_a_seeded_uniform_sample_that_keeps_everything_when_it_can():
+    def sample(n: int, size: int) -> np.ndarray:
+        res = Reservoir(size)
+        for lo in range(0, n, 100):
+            res.add({"x": np.arange(lo, min(lo + 100, n))})
+        return res.rows()["x"]
+
+    assert sorted(sample(250, 300)) == list(range(250))
+    s = sample(20_000, 1000)
+    assert len(np.unique(s)) == 1000 and np.array_equal(s, sample(20_000, 1000))
+    assert abs(s.mean() - 10_000) < 600 and (s < 10_000).sum() == pytest.approx(500, abs=80)
+
+
+def test_landmark_rows_are_picked_evenly_from_the_index_count_as_blocks_stream_by():
+    block = {"src_kps": np.ones((7, 68, 3), np.float32), "src_pose": np.ones((7, 3), np.float32)}
+    block["identity"] = np.arange(7)
+    rows = LandmarkRows(n_expected=10_000, cap=1000)  # every 10th row
+    rows.add(block, start=1)  # rows 1..7 hold no pick (short blocks do)
+    assert rows.rows() == {}
+    rows.add(block, start=7)  # rows 7..13: 10 is picked
+    block["src_pose"][3, 1] = np.nan
+    rows.add(block, start=27)  # rows 27..33: 30 is picked, but its pose is not finite
+    assert rows.rows()["index"].tolist() == [10]
+
+
+def test_row_hashes_match_bit_identical_rows_only():
+    x = np.random.default_rng(0).standard_normal((6, 512)).astype(np.float16).astype(np.float32)
+    x[1] = x[0]
+    x[2] = x[0]
+    x[2, [3, 200]] *= -1  # two sign flips: a plain multiply-and-add hash of the words would collide here
+    x[3] = x[0]
+    x[3, 511] = np.nextafter(x[3, 511], np.float32(9))
+    h = row_hashes(x)
+    assert h.dtype == np.uint64 and h[0] == h[1]
+    assert len(set(h.tolist())) == 5
+
+
+@pytest.fixture(scope="module")
+def memory_sets(tmp_path_factory) -> dict[int, tuple]:
+    """Shard sets of 4096 and 16384 rows (blocks of 256), with each split's size in memory as read_split holds it."""
+    a = generate(SynthParams(n_identities=1024, samples_per_identity=16, seed=5))
+    out = {}
+    for n in (4096, 16384):
+        path = tmp_path_factory.mktemp(f"mem{n}")
+        entry = write_split(path, "train", {k: v[:n] for k, v in a.items()}, shard_samples=2048, block_size=256)
+        write_index(path, {"train": entry}, fields=list(a), provenance={"test": "memory"}, block_size=256)
+        in_memory = sum(
+            n * int(np.prod(v.shape[1:], dtype=np.int64)) * (8 if k == "identity" else 4) for k, v in a.items()
+        )
+        out[n] = (path, in_memory)
+    return out
+
+
+def test_inspect_memory_stays_flat_as_the_split_grows(memory_sets, monkeypatch):
+    # The pair sample's metric (metrics.impostor_and_tar) builds an n x n score matrix, ~400 MB at
+    # MAX_PAIR_SAMPLES rows: a constant of the metric, not of the split, shrunk here so the streaming shows.
+    monkeypatch.setattr(inspect_module, "MAX_PAIR_SAMPLES", 256)
+    peaks = {}
+    for n, (path, _) in memory_sets.items():
+        tracemalloc.start()
+        try:
+            r, _ = inspect(path)
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert r["n_samples"] == n
+    path, in_memory = memory_sets[16384]
+    assert in_memory > 140e6
+    assert peaks[16384] < in_memory / 5  # the old read_split version held the whole split: > in_memory
+    # 12288 more rows: ~8 bytes a row of hashes plus a few identities, not ~9 KB a row
+    assert peaks[16384] - peaks[4096] < 2e6, peaks
+
+
+def test_inspect_benchmark_runs_and_reports_both_sizes():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_inspect.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| inspect | rows | seconds | cpu s | rows/s | peak RSS MB |" in done.stdout
+    for n in ("1,024", "3,072"):
+        assert re.search(rf"\| new +\| +{n} \| +[\d.]+ \| +[\d.]+ \|", done.stdout), done.stdout
