@@ -29,11 +29,43 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
-def _pair_subset(n: int) -> np.ndarray:
-    """A fixed subset, the same for any rank count or sample order of the same set."""
+def _row_hash(*arrays: np.ndarray) -> np.ndarray:
+    """A pseudo-random uint64 per row from the row's values alone (never its position).
+
+    Floats are hashed as float32 bits (float16 storage and its float32 copies
+    agree; -0.0 counts as 0.0), integers as int64 bits.
+    """
+    n = len(arrays[0])
+    words = []
+    for a in arrays:
+        a = np.asarray(a).reshape(n, -1)
+        if a.dtype.kind == "f":
+            a = (a.astype(np.float32) + np.float32(0.0)).view(np.uint32)
+        words.append(a.astype(np.int64).view(np.uint64))
+    words = np.concatenate(words, axis=1)
+    rng = np.random.default_rng(0)
+    mult = rng.integers(0, 2**63, size=words.shape[1], dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
+    h = np.empty(n, dtype=np.uint64)
+    for lo in range(0, n, 8192):  # integer matmul wraps mod 2^64; chunks bound the memory
+        h[lo : lo + 8192] = words[lo : lo + 8192] @ mult
+    for shift, m in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # splitmix64 finaliser
+        h = (h ^ (h >> np.uint64(shift))) * np.uint64(m)
+    return h ^ (h >> np.uint64(31))
+
+
+def _pair_subset(query: np.ndarray, tgt: np.ndarray, identity: np.ndarray) -> np.ndarray:
+    """A fixed subset, the same for any rank count or sample order of the same set.
+
+    At most MAX_PAIR_SAMPLES rows, chosen by a hash of each row's (identity,
+    target) and then its query, so the choice depends on which samples there
+    are, not on where they sit, and the pred and baseline calls of `quality`
+    pick the same samples.
+    """
+    n = len(query)
     if n <= MAX_PAIR_SAMPLES:
         return np.arange(n)
-    return np.sort(np.random.default_rng(0).choice(n, MAX_PAIR_SAMPLES, replace=False))
+    order = np.lexsort((_row_hash(query), _row_hash(identity, tgt)))
+    return np.sort(order[:MAX_PAIR_SAMPLES])
 
 
 def impostor_and_tar(query: np.ndarray, tgt: np.ndarray, identity: np.ndarray) -> dict:
@@ -42,7 +74,7 @@ def impostor_and_tar(query: np.ndarray, tgt: np.ndarray, identity: np.ndarray) -
     Genuine pairs: same identity; impostors: different identities. The
     threshold for a FAR is the (1 - FAR) quantile of impostor scores.
     """
-    idx = _pair_subset(len(query))
+    idx = _pair_subset(query, tgt, identity)
     q, t, ids = _unit(query[idx]), _unit(tgt[idx]), identity[idx]
     scores = q @ t.T
     same = ids[:, None] == ids[None, :]
@@ -150,6 +182,13 @@ TRAIN_TAGS = {
     "nonfinite_steps": "train/nonfinite_steps",  # non-finite losses skipped, cumulative
     "bad_samples": "train/bad_samples",  # samples the loader skipped (non-finite values, undecodable blocks), cumulative
     "samples_seen": "train/samples_seen",
+    # loader counters over all ranks, cumulative (stream.LoaderStats; bad_samples = unreadable + non-finite rows)
+    "unreadable_rows": "train/unreadable_rows",
+    "nonfinite_rows": "train/nonfinite_rows",
+    "bad_blocks": "train/bad_blocks",
+    "shard_errors": "train/shard_errors",
+    "repeats": "train/repeats",  # rows read a second time within an epoch
+    "dropped_tail": "train/dropped_tail",  # exact epochs: rows left out because they do not fill a global batch
 }
 # Validation: `scalars(quality(...) | {"loss": ..., "val_train_loss_ratio": ...})`
 # gives val/mean_cos, val/identity_baseline_cos, val/gain, val/oracle_cos,

@@ -1,4 +1,5 @@
-"""The frontalizer: identity start, input invariances, size variants, precision, ONNX export, and that it learns."""
+"""The frontalizer: identity start, input invariances, size variants, precision, ONNX export, that it learns, and
+what its gates compute after training."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from dist_train.config import LossConfig, ModelConfig, OptimConfig
 from dist_train.export import INPUTS, export_onnx
-from dist_train.geometry import mean_shape, rotation_matrices
+from dist_train.geometry import dream_yaw_gate, mean_shape, rotation_matrices
 from dist_train.losses import FrontalLoss
 from dist_train.model import build_model
 from dist_train.schedule import lr_at
@@ -219,3 +220,132 @@ def test_learns_a_pose_dependent_rotation():
             learned = F.cosine_similarity(model(src, kps, pose), tgt).mean().item()
             assert baseline < 0.82
             assert learned > baseline + 0.1, (learned, baseline)  # measured: 0.79 -> 0.99
+
+
+def yaw_distorted_pairs(n: int, gen: torch.Generator, basis: torch.Tensor, speeds: torch.Tensor):
+    """Like `rotated_pairs`, but the rotation angle grows with yaw * |yaw|: the correction a profile needs is
+    large (90 deg * speed at |yaw| = 90) and a frontal face needs almost none (1.1 deg * speed at 10 deg)."""
+    z = torch.randn(n, 512, generator=gen) * 0.02 + (torch.randn(n, basis.shape[1], generator=gen) * 0.3) @ basis.T
+    tgt = F.normalize(z, dim=-1)
+    yaw = (torch.rand(n, generator=gen) * 2 - 1) * 90
+    pose = torch.stack([torch.randn(n, generator=gen) * 5, yaw, torch.randn(n, generator=gen) * 3], -1)
+    coords = tgt @ basis
+    a, b = coords[:, 0::2], coords[:, 1::2]
+    angle = torch.deg2rad(yaw)[:, None] * (yaw.abs()[:, None] / 90) * speeds
+    rotated = torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1).flatten(1)
+    return tgt + (rotated - coords) @ basis.T, face_landmarks(pose), pose, tgt
+
+
+def train_gated(gate: str, steps: int = 300):
+    """A tiny frontalizer trained (cosine loss, Adam) on `yaw_distorted_pairs`; returns it and held-out samples."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(512, 8, generator=gen))
+    speeds = torch.linspace(0.6, 1.0, 4)
+    train = yaw_distorted_pairs(512, gen, basis, speeds)
+    model = build_model(ModelConfig(d_model=16, nhead=2, num_layers=1, dim_feedforward=32, dropout=0.0, gate=gate))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        rows = torch.randint(0, 512, (64,), generator=gen)
+        pred = model(*(t[rows] for t in train[:3]))
+        loss = (1 - F.cosine_similarity(pred, train[3][rows])).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), yaw_distorted_pairs(512, gen, basis, speeds)
+
+
+def gate_and_residual(model, src, kps, pose):
+    """The prediction together with the gate g and the residual R the forward pass computed."""
+    seen = {}
+    hooks = [
+        model.gate.register_forward_hook(lambda _m, _i, out: seen.__setitem__("g", out)),
+        model.residual.register_forward_hook(lambda _m, _i, out: seen.__setitem__("R", out)),
+    ]
+    try:
+        with torch.no_grad():
+            pred = model(src, kps, pose)
+    finally:
+        for h in hooks:
+            h.remove()
+    return pred, seen["g"], seen["R"]
+
+
+def correction_by_yaw(model, src, kps, pose) -> tuple[float, float]:
+    """Mean |pred - normalise(src)| over frontal (|yaw| < 10) and profile (|yaw| > 60) samples."""
+    with torch.no_grad():
+        corr = (model(src, kps, pose) - F.normalize(src, dim=-1)).norm(dim=-1)
+    yaw = pose[:, 1].abs()
+    return corr[yaw < 10].mean().item(), corr[yaw > 60].mean().item()
+
+
+def pose_grid() -> torch.Tensor:
+    yaw = torch.tensor([-90.0, -67.5, -45.0, -22.5, 0.0, 22.5, 45.0, 67.5, 90.0])
+    return torch.stack(
+        [
+            torch.cartesian_prod(yaw, torch.tensor([-30.0, 0.0, 30.0]), torch.tensor([-20.0, 20.0]))[:, i]
+            for i in (1, 0, 2)
+        ],
+        -1,
+    )  # (54, 3) pitch, yaw, roll
+
+
+def test_trained_yaw_gate_is_dreams_fixed_gate():
+    model, (src, kps, pose, tgt) = train_gated("yaw")
+    # a fixed function: nothing to train, nothing in the checkpoint
+    assert list(model.gate.parameters()) == [] and list(model.gate.buffers()) == []
+    assert not any(k.startswith("gate.") for k in model.state_dict())
+
+    # sigmoid(10 (|yaw| / 45 - 1)) by hand: yaw 0 -> s(-10), 22.5 -> s(-5), 36 -> s(-2), 45 -> s(0), 54 -> s(2),
+    # 67.5 -> s(5), 90 -> s(10); negative yaws alike; pitch, roll and landmarks do not matter
+    yaw = torch.tensor([0.0, 22.5, -22.5, 36.0, 45.0, -45.0, 54.0, 67.5, 90.0, -90.0])
+    want = torch.tensor([4.5397869e-05, 0.0066928509, 0.0066928509, 0.11920292, 0.5, 0.5, 0.88079708, 0.99330715])
+    want = torch.cat([want, torch.tensor([0.99995460, 0.99995460])])
+    n = len(yaw)
+    pose_q = torch.stack([torch.linspace(-30, 30, n), yaw, torch.linspace(20, -20, n)], -1)
+    emb = torch.randn(n, 512)
+    pred, g, R = gate_and_residual(model, emb, face_landmarks(pose_q + torch.tensor([5.0, 10.0, 0.0])), pose_q)
+    assert g.shape == (n, 1)
+    torch.testing.assert_close(g[:, 0], want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g, dream_yaw_gate(pose_q))
+    # output = normalise(src + g R), unit length
+    torch.testing.assert_close(pred, F.normalize(emb + g * R, dim=-1))
+    assert torch.allclose(pred.norm(dim=-1), torch.ones(n), atol=1e-5)
+    assert R.abs().max() > 0.1  # trained: the residual is not the zero it starts at
+
+    # DREAM's promise: (almost) no correction for frontal faces, the full one for profiles
+    frontal, profile = correction_by_yaw(model, src, kps, pose)
+    assert frontal < 1e-3 and profile > 0.3, (frontal, profile)  # measured: 3e-5, 0.67
+
+
+def test_trained_learned_gate_is_a_pose_dependent_weight_in_0_1():
+    model, (src, kps, pose, tgt) = train_gated("learned")
+    with torch.no_grad():
+        baseline = F.cosine_similarity(src, tgt).mean().item()
+        learned = F.cosine_similarity(model(src, kps, pose), tgt).mean().item()
+    assert learned > baseline + 0.05, (learned, baseline)  # it trained: measured 0.89 -> 0.998
+
+    poses = pose_grid()
+    emb = torch.randn(len(poses), 512)
+    pred, g, R = gate_and_residual(model, emb, face_landmarks(poses), poses)
+    assert g.shape == (len(poses), 1)
+    assert ((g > 0) & (g < 1)).all(), g.min().item()  # a sigmoid: strictly inside (0, 1)
+    torch.testing.assert_close(pred, F.normalize(emb + g * R, dim=-1))
+    assert torch.allclose(pred.norm(dim=-1), torch.ones(len(poses)), atol=1e-5)
+
+    # g depends on pose and landmarks only: another source embedding gives the same gate
+    _, g_other, _ = gate_and_residual(model, torch.randn(len(poses), 512), face_landmarks(poses), poses)
+    torch.testing.assert_close(g_other, g)
+    # ... and on the landmarks, not on the pose input alone: another face shape for the same stated pose moves g
+    _, g_shape, _ = gate_and_residual(model, emb, face_landmarks(poses + torch.tensor([0.0, 30.0, 0.0])), poses)
+    assert (g_shape - g).abs().max() > 1e-4
+
+    # it learned how much correction each pose needs: profiles get a larger gate than frontal faces
+    yaw = poses[:, 1].abs()
+    g_frontal, g_profile = g[yaw == 0].mean().item(), g[yaw == 90].mean().item()
+    assert g_profile > 3 * g_frontal, (g_frontal, g_profile)  # measured: 0.05 -> 0.43 at -90, 0.80 at +90
+    for sign in (-1.0, 1.0):
+        side = (poses[:, 1] == 90 * sign).nonzero()[:, 0]
+        assert g[side].mean() > 2 * g_frontal, (sign, g[side].mean().item(), g_frontal)
+    frontal, profile = correction_by_yaw(model, src, kps, pose)
+    assert profile > 10 * frontal, (frontal, profile)  # measured: 0.02 -> 0.7
