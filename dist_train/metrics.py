@@ -80,14 +80,55 @@ def impostor_and_tar(query: np.ndarray, tgt: np.ndarray, identity: np.ndarray) -
     same = ids[:, None] == ids[None, :]
     imp = scores[~same]
     gen = scores[same]
-    out = {"impostor_cos": float(imp.mean()) if imp.size else float("nan"), "tar_at_far": {}}
-    for far in FARS:
-        if imp.size == 0 or gen.size == 0:
-            out["tar_at_far"][f"{far:g}"] = float("nan")
+    return {"impostor_cos": float(imp.mean()) if imp.size else float("nan"), "tar_at_far": tar_at_far(gen, imp)}
+
+
+def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, fars=FARS) -> dict[str, float]:
+    """{f"{far:g}": TAR}: the share of genuine scores strictly above the (1 - FAR) quantile of the impostor scores.
+
+    NaN for every FAR when either set of scores is empty.
+    """
+    genuine, impostor = np.asarray(genuine).reshape(-1), np.asarray(impostor).reshape(-1)
+    out = {}
+    for far in fars:
+        if impostor.size == 0 or genuine.size == 0:
+            out[f"{far:g}"] = float("nan")
             continue
-        thr = np.quantile(imp, 1.0 - far)
-        out["tar_at_far"][f"{far:g}"] = float((gen > thr).mean())
+        thr = np.quantile(impostor, 1.0 - far)
+        out[f"{far:g}"] = float((genuine > thr).mean())
     return out
+
+
+def identification(
+    query: np.ndarray, query_identity: np.ndarray, gallery: np.ndarray, gallery_identity: np.ndarray
+) -> dict:
+    """Closed-set identification and verification of (N, D) queries against (K, D) templates, one per identity.
+
+    ``gallery`` holds one template per identity (e.g. a centroid); every query's
+    identity must have one. Scores are cosines. Keys: ``n`` queries;
+    ``rank1``: share of queries whose highest-scoring template is their own
+    (a tie goes to the template listed first); ``tar_at_far`` (`tar_at_far`):
+    genuine pairs are each query with its own template, impostor pairs each
+    query with every other template.
+    """
+    template = {ident: k for k, ident in enumerate(np.asarray(gallery_identity).tolist())}
+    if len(template) != len(gallery_identity):
+        raise ValueError("identification needs one gallery template per identity")
+    missing = set(np.asarray(query_identity).tolist()) - set(template)
+    if missing:
+        raise ValueError(f"queries of identities without a gallery template: {sorted(missing)[:5]}")
+    own = np.array([template[i] for i in np.asarray(query_identity).tolist()], np.int64)
+    scores = _unit(query) @ _unit(gallery).T  # (queries, templates)
+    rows = np.arange(len(own))
+    genuine = scores[rows, own]
+    others = np.ones(scores.shape, bool)
+    others[rows, own] = False
+    n = len(own)
+    return {
+        "n": int(n),
+        "rank1": float((scores.argmax(1) == own).mean()) if n else float("nan"),
+        "tar_at_far": tar_at_far(genuine, scores[others]),
+    }
 
 
 def quality(
@@ -196,3 +237,17 @@ TRAIN_TAGS = {
 # val/loss, val/val_train_loss_ratio, val_yaw/<bucket>/{cos,baseline,oracle},
 # val/tar_at_far_<far>/{pred,baseline}; plus "val/epoch" (the epoch evaluated).
 VAL_EPOCH_TAG = "val/epoch"  # the (fractional) epoch an evaluation was run at, logged beside scalars()
+
+
+# What the best model and early stopping can follow (`--monitor`): name -> (how to read it, higher is better).
+MONITORS = {
+    "mean_cos": (lambda m: m["mean_cos"], True),
+    "loss": (lambda m: m.get("loss", float("nan")), False),
+    **{f"tar@{far:g}": ((lambda m, far=far: m["tar_at_far"][f"{far:g}"]["pred"]), True) for far in FARS},
+}
+
+
+def monitored(metrics: dict, name: str) -> tuple[float, bool]:
+    """(value, higher_is_better) of a `MONITORS` entry in an evaluation's metrics."""
+    read, higher = MONITORS[name]
+    return float(read(metrics)), higher

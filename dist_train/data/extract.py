@@ -426,8 +426,12 @@ class Extractor:
             result.faces = []
         return result
 
-    def run(self, root: Path, out: Path, inputs: list[Input]) -> None:
-        """Extract a batch of inputs into one cache chunk, recognition batched across them."""
+    def extract(self, root: Path, inputs: list[Input]) -> list[Result]:
+        """Every face of a batch of inputs (``ROOT/input.rel``), recognition batched across them.
+
+        Each face dict holds FACE_ARRAYS' fields but "owner": ``emb`` (face.normed_embedding),
+        ``kps`` (landmark_3d_68), ``pose``, ``bbox``, ``score``, ``frame``. Shared with ``dist-train frontalize``.
+        """
         crops: list[np.ndarray] = []
         results = [self._extract_one(root, inp, crops) for inp in inputs]
         if crops:
@@ -435,7 +439,11 @@ class Extractor:
             for result in results:
                 for face in result.faces:
                     face["emb"] = next(emb)
-        write_chunk(out, results)
+        return results
+
+    def run(self, root: Path, out: Path, inputs: list[Input]) -> None:
+        """Extract a batch of inputs into one cache chunk."""
+        write_chunk(out, self.extract(root, inputs))
 
 
 _WORKER: Extractor | None = None
