@@ -47,7 +47,7 @@ from dist_train.data.synth import SynthParams, make_shard_set
 from dist_train.losses import FrontalLoss
 from dist_train.metrics import TRAIN_TAGS
 from dist_train.model import build_model
-from dist_train.train import build_optimizer
+from dist_train.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loader import machine  # noqa: E402  (bench/ is not a package)
@@ -153,7 +153,7 @@ class BareLoop:
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
         self.model = build_model(cfg.model).train()
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, fused=True)  # what dist-train steps with
         self.loss_fn = FrontalLoss(cfg.loss)
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
@@ -244,7 +244,7 @@ class Loops:
         return rate, cpu_seconds() - cpu
 
     def dist_train(self, steps: int) -> tuple[float, float]:
-        from dist_train.train import train
+        from dist_train.loop import train
 
         cpu = cpu_seconds()
         cfg = self.config(steps)

@@ -40,7 +40,7 @@ import torch
 from dist_train import config as config_mod
 from dist_train.losses import FrontalLoss
 from dist_train.model import build_model
-from dist_train.train import build_optimizer
+from dist_train.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -38,6 +38,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,8 @@ class TrainState:
     nonfinite_steps: int = 0  # non-finite loss: the step was skipped on every rank
     consecutive_nonfinite: int = 0
     bad_rows: int = 0  # samples the loader skipped (non-finite values, unreadable blocks), over all resumes
-    best_cos: float = -math.inf
+    best_cos: float = -math.inf  # val mean cos of the best model
+    best_value: float | None = None  # the monitored metric (--monitor) of the best model; None: no best yet
     best_step: int = -1
     evals_since_best: int = 0
     last_eval_step: int = -1
@@ -116,13 +118,15 @@ class TrainState:
     micro_batch: int = 0
     accumulation: int = 0
     data_fingerprint: str = ""
-    schedule_offset: int = 0  # schedule position - step; changes when a resume changes the global batch
+    # position in the plan's epochs minus step (the lr's position: applied steps + it); 0 unless a resume changed
+    # the global batch (train.check_resume)
+    schedule_offset: int = 0
     loader: dict = dataclasses.field(default_factory=dict)  # cumulative loader counters (stream.LoaderStats)
 
     @property
     def applied_steps(self) -> int:
-        """Updates actually applied; the learning rate is a function of this."""
-        return self.step - self.skipped_steps
+        """Updates actually applied (not skipped for overflow or a non-finite loss); the lr follows these."""
+        return self.step - self.skipped_steps - self.nonfinite_steps
 
 
 def new_run_id() -> str:
@@ -301,6 +305,9 @@ class Checkpointer:
         self.acc = accelerator
         self.run_config = run_config
         self.last_saved_step = -1
+        self.clock = time.monotonic
+        self.last_save_time = self.clock()  # the clock of save_every_minutes starts with the run
+        self._best = _BackgroundWriter(60 * cfg.best_every_minutes)
 
     # ---- rank 0 decides, everyone follows ----
 
@@ -503,12 +510,21 @@ class Checkpointer:
 
     # ---- when and how to save ----
 
-    def due(self, step: int, epoch_end: bool) -> bool:
-        every = self.cfg.save_every_steps
-        return epoch_end or (every > 0 and step % every == 0)
+    def time_due(self) -> bool:
+        """``save_every_minutes`` have passed since the last save (or the start); ranks agree on it in the loop."""
+        minutes = self.cfg.save_every_minutes
+        return minutes > 0 and self.clock() - self.last_save_time >= 60 * minutes
 
-    def maybe_save(self, state: TrainState, *, epoch_end: bool = False, force: bool = False) -> Path | None:
-        if state.step == self.last_saved_step or not (force or self.due(state.step, epoch_end)):
+    def due(self, step: int, completed_epoch: int | None = None, time_due: bool = False) -> bool:
+        """Whether a checkpoint is due at ``step``: by time, every N steps, or at the end of every N-th epoch."""
+        every, epochs = self.cfg.save_every_steps, self.cfg.save_every_epochs
+        by_epoch = completed_epoch is not None and epochs > 0 and completed_epoch % epochs == 0
+        return time_due or by_epoch or (every > 0 and step % every == 0)
+
+    def maybe_save(
+        self, state: TrainState, *, completed_epoch: int | None = None, time_due: bool = False, force: bool = False
+    ) -> Path | None:
+        if state.step == self.last_saved_step or not (force or self.due(state.step, completed_epoch, time_due)):
             return None
         return self.save(state)
 
@@ -548,6 +564,7 @@ class Checkpointer:
         if self._main:
             self._prune(state)
         self.last_saved_step = state.step
+        self.last_save_time = self.clock()
         return final
 
     @staticmethod
@@ -675,22 +692,87 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     def save_best(self, model, state: TrainState, metrics: dict) -> Path | None:
-        """fp32 master weights + config of the best model so far, on rank 0 (None elsewhere).
+        """Snapshot the best model so far (fp32 masters, on the host) and write it in the background.
 
         Collective in every distributed mode (every rank calls it at the same step): under DeepSpeed each
-        parameter's fp32 master is gathered; then every rank learns whether rank 0's write failed
-        (CheckpointWriteError).
+        parameter's fp32 master is gathered. The file is written by a thread on rank 0, at most every
+        ``best_every_minutes`` (a newer best replaces a snapshot still waiting), so the step does not wait
+        for the disk; `close` writes the last one. A failed write of an earlier snapshot raises
+        CheckpointWriteError on every rank here or in `close`.
         """
+        self._agree_best(state)
         sd = master_state_dict(model, self.acc)
         path = self.run_dir / BEST_DIR / CONSOLIDATED
-        error = None
         if self._main:
             meta = {"step": state.step, "val_mean_cos": metrics.get("mean_cos"), "run_id": state.run_id}
-            error = self._try(lambda: save_consolidated(path, sd, self.run_config, meta))
-        needed = sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in sd.values())
-        sd = None
-        self._agree(error, f"best model (step {state.step})", path.with_suffix(TMP_SUFFIX), state, needed)
+            needed = sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in sd.values())
+            self._best.submit(lambda: save_consolidated(path, sd, self.run_config, meta), (state.step, needed))
         return path if self._main else None
+
+    def close(self, state: TrainState) -> None:
+        """Collective: write the best model still waiting, and say so on every rank if it failed."""
+        if self._main:
+            self._best.flush()
+        self._agree_best(state)
+
+    def _agree_best(self, state: TrainState) -> None:
+        error, (step, needed) = self._best.take_error() if self._main else (None, (state.step, None))
+        path = self.run_dir / BEST_DIR / CONSOLIDATED
+        self._agree(error, f"best model (step {step})", path.with_suffix(TMP_SUFFIX), state, needed)
+
+
+class _BackgroundWriter:
+    """One writer thread with a one-slot queue: the newest job replaces one not yet started.
+
+    Jobs start at most every ``min_interval_s`` seconds; an error is kept (with the job's tag) until taken.
+    """
+
+    def __init__(self, min_interval_s: float):
+        self.min_interval_s = min_interval_s
+        self.cond = threading.Condition()
+        self.job = None  # (fn, tag) waiting
+        self.busy = False
+        self.error: tuple[Exception, object] | None = None
+        self.next_start = -math.inf  # earliest start of the next job
+        self.flushing = False
+        self.thread: threading.Thread | None = None
+
+    def submit(self, fn, tag) -> None:
+        with self.cond:
+            self.job = (fn, tag)
+            self.cond.notify_all()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="dist-train best model", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while self.job is None or (not self.flushing and time.monotonic() < self.next_start):
+                    self.cond.wait(timeout=None if self.job is None else self.next_start - time.monotonic())
+                fn, tag = self.job
+                self.job, self.busy, self.next_start = None, True, time.monotonic() + self.min_interval_s
+            try:
+                fn()
+            except Exception as e:  # reported on every rank by the next save_best or close
+                with self.cond:
+                    self.error = (e, tag)
+            with self.cond:
+                self.busy = False
+                self.cond.notify_all()
+
+    def flush(self) -> None:
+        with self.cond:
+            self.flushing = True
+            self.cond.notify_all()
+            while self.job is not None or self.busy:
+                self.cond.wait()
+            self.flushing = False
+
+    def take_error(self) -> tuple[Exception | None, object]:
+        with self.cond:
+            error, self.error = self.error, None
+        return (error[0], error[1]) if error else (None, (None, None))
 
 
 def _is_deepspeed(accelerator, model) -> bool:
@@ -706,8 +788,9 @@ def master_state_dict(model, accelerator) -> dict[str, torch.Tensor]:
     and the parameters are visited in the module's order on every rank. Elsewhere the model's own
     weights are the fp32 ones.
     """
-    if not _is_deepspeed(accelerator, model):
-        return accelerator.get_state_dict(model)
+    if not _is_deepspeed(accelerator, model):  # copies: the live weights go on changing while a thread writes
+        module = accelerator.unwrap_model(model, keep_torch_compile=False)  # no DDP, no torch.compile prefix
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
     from deepspeed.utils import safe_get_full_fp32_param
 
     module = accelerator.unwrap_model(model)

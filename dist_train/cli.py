@@ -13,11 +13,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("dist_train.data.pack", "convert .npz / .npy arrays into a shard set"),
     "inspect": ("dist_train.data.inspect", "data-quality report of a shard set"),
     "extract": ("dist_train.data.extract", "InsightFace images/videos -> shard set"),
-    "train": ("dist_train.train", "train the frontalizer (single process or under accelerate launch)"),
+    "train": ("dist_train.loop", "train the frontalizer (single process or under accelerate launch)"),
     "eval": ("dist_train.evaluate", "metrics of a checkpoint on a shard set split"),
+    "probe": ("dist_train.probe", "linear probe (closed-form ridge) of a shard set: the figure a model must beat"),
     "report": ("dist_train.report", "read training curves, plot them and diagnose what to change next"),
     "export": ("dist_train.export", "checkpoint -> consolidated fp32 file and ONNX, with parity check"),
-    "frontalize": ("dist_train.frontalize", "apply an exported model to arrays in an .npz"),
+    "frontalize": ("dist_train.frontalize", "apply a trained model to .npz arrays or to the faces in photos"),
 }
 
 

@@ -21,6 +21,7 @@ from typing import Literal, Optional
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 RESOLVED_NAME = "config.yaml"
 
 
@@ -33,11 +34,22 @@ class DataConfig:
     data_dir: Optional[str] = None  # shard set directory (holds index.json)
     train_split: str = "train"
     val_split: str = "val"
+    test_split: str = "test"  # the best model is evaluated on it at the end when the shard set has it
     target: Literal["sample", "centroid"] = "sample"  # centroid needs tgt_centroid in the shard set
     resampled: bool = True  # infinite resampled shards (any rank count) vs exact epochs over each rank's shards
     shuffle_blocks: int = 8  # blocks held in the shuffle buffer per worker
     num_workers: int = 1
     samples_per_epoch: Optional[int] = None  # default: the train split's sample count from index.json
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (dist_train.augment); all off by default, never applied to evaluation."""
+
+    pose_jitter_deg: float = 0.0  # std of a random head rotation (degrees): landmarks rotated, pose changed to match
+    landmark_jitter_px: float = 0.0  # std of Gaussian pixel noise on each landmark coordinate
+    emb_noise: float = 0.0  # std of noise added to src_emb (per dimension, then re-normalised onto the sphere)
+    drop_part_prob: float = 0.0  # probability that a sample loses one landmark part (jaw, brows, nose, eyes, mouth)
 
 
 @dataclass
@@ -83,9 +95,16 @@ class TrainConfig:
     max_steps: Optional[int] = None  # optimizer steps; caps the run
     use_mixed_precision: bool = False  # fp16 on GPUs (fp32 on CPU, where DeepSpeed cannot run fp16)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: follow use_mixed_precision
+    compile: bool = False  # torch.compile the model (inductor; DeepSpeed: its engine.compile)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
     seed: int = 42
     output_dir: str = "runs/default"
     resume: Optional[str] = None  # "latest" or a checkpoint directory
+    overwrite: bool = False  # start fresh in an output_dir that holds another run's checkpoints (they are deleted)
+    allow_data_change: bool = False  # resume onto a shard set other than the one the checkpoint was trained on
+    init_from: Optional[str] = None  # weights of a checkpoint or exported file; fresh optimizer and schedule
+    init_from_strict: bool = True  # refuse weights whose names or shapes differ (false: load what matches)
+    monitor: Literal["mean_cos", "loss", "tar@0.001", "tar@0.01"] = "mean_cos"  # val metric for best model, early stop
     early_stopping_patience: int = 20  # evaluations without improvement; 0 disables
     early_stopping_min_delta: float = 1e-4
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
@@ -99,18 +118,24 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_every_steps: int = 0  # 0: at each epoch end only
+    save_every_minutes: float = 30.0  # by wall time; also at the end, on preemption and on a stop request; 0: off
+    save_every_steps: int = 0  # every N optimizer steps too; 0: off
+    save_every_epochs: int = 0  # at the end of every N-th epoch too; 0: off
     keep_last: int = 3
+    best_every_minutes: float = 2.0  # the best model is written in the background, at most this often
 
 
 @dataclass
 class LogConfig:
     log_every_steps: int = 10
+    trace_rows: bool = False  # write each micro batch's row numbers to RUN_DIR/trace/ (what the run read)
+    log_with: str = "tensorboard"  # Accelerate trackers, comma-separated: tensorboard (always) + wandb, mlflow, ...
 
 
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -121,6 +146,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_preset(cls, name: str = "base", **values) -> Config:
+        """A preset (configs/NAME.yaml or a YAML path) with flat overrides, validated: ``from_preset("xl", lr=3e-4)``."""
+        return build(load_yaml(name) | values)
 
     def save(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / RESOLVED_NAME
@@ -267,14 +297,23 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
     m, t, o, lo, d = cfg.model, cfg.train, cfg.optim, cfg.loss, cfg.data
     for key in ("d_model", "nhead", "num_layers", "dim_feedforward", "emb_chunks"):
         need(getattr(m, key) > 0, key, getattr(m, key), "must be a positive integer")
-    for key in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every_steps", "keep_last"):
+    for key in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every_steps", "keep_last", "max_bad_steps"):
         sec = FLAT[key][0]
         v = getattr(getattr(cfg, sec), key)
         need(v > 0, key, v, "must be a positive integer")
     for key in ("max_steps", "samples_per_epoch", "eval_max_samples"):
         v = getattr(getattr(cfg, FLAT[key][0]), key)
         need(v is None or v > 0, key, v, "must be a positive integer or null")
-    for key in ("num_workers", "eval_every_steps", "save_every_steps", "early_stopping_patience", "shuffle_blocks"):
+    for key in (
+        "num_workers",
+        "eval_every_steps",
+        "save_every_steps",
+        "save_every_epochs",
+        "early_stopping_patience",
+        "shuffle_blocks",
+        "save_every_minutes",
+        "best_every_minutes",
+    ):
         v = getattr(getattr(cfg, FLAT[key][0]), key)
         need(v >= 0, key, v, "must be zero or a positive integer")
     need(m.d_model % m.nhead == 0, "d_model", m.d_model, f"must be divisible by nhead ({m.nhead})")
@@ -286,6 +325,10 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
     for key in ("weight_decay", "cosine_eta_min", "grad_clip", "warmup_epochs", "early_stopping_min_delta"):
         v = getattr(getattr(cfg, FLAT[key][0]), key)
         need(v >= 0, key, v, "must be zero or positive")
+    for key in ("pose_jitter_deg", "landmark_jitter_px", "emb_noise"):
+        v = getattr(cfg.augment, key)
+        need(v >= 0, key, v, "must be zero (off) or positive")
+    need(0.0 <= cfg.augment.drop_part_prob <= 1.0, "drop_part_prob", cfg.augment.drop_part_prob, "must be in [0, 1]")
     for key in ("mse_weight", "cosine_weight", "contrastive_weight"):
         v = getattr(lo, key)
         need(v >= 0, key, v, "loss weights must be zero or positive")
@@ -294,6 +337,13 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
         "cosine_weight",
         lo.cosine_weight,
         "mse_weight, cosine_weight and contrastive_weight are all zero: nothing would be trained",
+    )
+    trackers = [n.strip() for n in cfg.log.log_with.split(",") if n.strip()]
+    need(
+        "tensorboard" in trackers and set(trackers) <= set(TRACKERS),
+        "log_with",
+        cfg.log.log_with,
+        f"a comma-separated list from {list(TRACKERS)} including tensorboard (what `dist-train report` reads)",
     )
     need(o.warmup_epochs < t.epochs, "warmup_epochs", o.warmup_epochs, f"must be smaller than epochs ({t.epochs})")
     need(o.cosine_eta_min <= o.lr, "cosine_eta_min", o.cosine_eta_min, f"must not exceed lr ({o.lr})")

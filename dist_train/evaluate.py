@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_train.checkpoint import BEST_DIR, CONSOLIDATED, consolidate_checkpoint, load_consolidated
 from dist_train.data.shards import ShardSet
-from dist_train.data.stream import eval_batches
+from dist_train.data.stream import LoaderStats, eval_batches
 from dist_train.metrics import quality
+from dist_train.model import build_model, model_inputs
 from dist_train.paths import output_file
 
 EVAL_FIELDS_BASE = ("src_emb", "src_kps", "src_pose", "tgt_emb", "identity")
@@ -56,8 +58,12 @@ def predict_split(
     max_samples: int | None = None,
     autocast=None,
     input_dtype: torch.dtype = torch.float32,
+    stats: LoaderStats | None = None,
 ) -> dict[str, np.ndarray]:
-    """This rank's real rows of the split with predictions (and per-row loss when ``loss_fn``)."""
+    """This rank's valid rows of the split with predictions (and per-row loss when ``loss_fn``).
+
+    Rows of bad blocks and rows with a non-finite value are left out and counted in ``stats``.
+    """
     was_training = model.training
     model.eval()
     cols: dict[str, list[np.ndarray]] = {}
@@ -65,12 +71,14 @@ def predict_split(
     # A cap stops after the same number of batches on every rank (ZeRO-3's forward is collective).
     room0 = None if max_samples is None else max_samples // max(world_size, 1)
     n_batches = None if room0 is None else -(-room0 // batch_size)
-    batches = eval_batches(shard_set, split, batch_size, rank, world_size, fields=eval_fields(shard_set, target))
+    batches = eval_batches(
+        shard_set, split, batch_size, rank, world_size, fields=eval_fields(shard_set, target), stats=stats
+    )
     for batch, valid in itertools.islice(batches, n_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         ctx = autocast() if autocast else torch.autocast("cpu", enabled=False)
         with ctx:
-            pred = model(batch["src_emb"].to(input_dtype), batch["src_kps"], batch["src_pose"])
+            pred = model(*model_inputs(batch, input_dtype))
         pred = pred.float()
         keep = valid.cpu().numpy()
         if room0 is not None:
@@ -113,7 +121,8 @@ class Evaluator:
         self.split = split
         self.batch_size = batch_size
         self.target = target
-        self.out_dir = Path(run_dir) / "metrics"
+        self.run_dir = Path(run_dir)
+        self.out_dir = self.run_dir / "metrics"
 
     def due(self, step: int, epoch_end: bool) -> bool:
         every = self.cfg.eval_every_steps
@@ -124,6 +133,7 @@ class Evaluator:
         import torch.distributed as dist
 
         acc = self.rt.accelerator
+        stats = LoaderStats()
         rows = predict_split(
             model,
             self.shard_set,
@@ -137,7 +147,9 @@ class Evaluator:
             max_samples=self.cfg.eval_max_samples,
             autocast=acc.autocast if self.rt.precision != "fp32" else None,
             input_dtype=self.rt.input_dtype,
+            stats=stats,
         )
+        nonfinite, unreadable = map(int, self.rt.sum_over_ranks([stats.nonfinite_rows, stats.unreadable_rows]))
         if acc.num_processes > 1:
             gathered = [None] * acc.num_processes if acc.is_main_process else None
             dist.gather_object(rows, gathered, dst=0)
@@ -147,6 +159,7 @@ class Evaluator:
         if acc.is_main_process:
             m = metrics_of(rows)
             m.update(step=step, epoch=epoch, train_loss=train_loss)
+            m["dropped_rows"] = {"nonfinite": nonfinite, "unreadable": unreadable}
             m["val_train_loss_ratio"] = (
                 m["loss"] / train_loss if train_loss and train_loss > 0 and math.isfinite(train_loss) else None
             )
@@ -157,12 +170,32 @@ class Evaluator:
             dist.broadcast_object_list(result, src=0)
         return result[0]
 
+    def test_best(self, split: str) -> dict | None:
+        """Collective: rank 0 evaluates the best model's file on ``split`` (when the set has that split).
+
+        Writes ``metrics/test.json`` and returns the metrics there; None on other ranks and without a split
+        or a best model. One process is enough: a test split is read once, at the end.
+        """
+        acc = self.rt.accelerator
+        best = self.run_dir / BEST_DIR / CONSOLIDATED
+        result = None
+        if acc.is_main_process and split and split in self.shard_set.splits and best.is_file():
+            model, _ = load_model(best)
+            stats = LoaderStats()
+            rows = predict_split(
+                model.to(acc.device), self.shard_set, split, batch_size=self.batch_size, device=acc.device, stats=stats
+            )
+            result = metrics_of(rows)
+            result.update(split=split, step=load_consolidated(best)[2].get("step"), model=str(best))
+            result["dropped_rows"] = {"nonfinite": stats.nonfinite_rows, "unreadable": stats.unreadable_rows}
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "test.json").write_text(json.dumps(result, indent=2) + "\n")
+        acc.wait_for_everyone()
+        return result
+
 
 def load_model(path: str | Path):
     """A model in eval mode, fp32, from any checkpoint or consolidated file."""
-    from dist_train.checkpoint import consolidate_checkpoint
-    from dist_train.model import build_model
-
     sd, cfg = consolidate_checkpoint(path)
     model = build_model(cfg.model)
     model.load_state_dict(sd)
@@ -176,7 +209,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--split", default="val")
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--json", default=None, help="write the metrics here")
-    p.add_argument("--predictions", default=None, help="also write predictions (.npy, row order of the split)")
+    p.add_argument(
+        "--predictions", default=None, help="also write predictions (.npy, the valid rows in the split's order)"
+    )
     args = p.parse_args(argv)
     try:
         shard_set = ShardSet.open(args.shards)
@@ -185,21 +220,37 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"dist-train eval: error: {e}", file=sys.stderr)
         return 2
-    rows = predict_split(model, shard_set, args.split, batch_size=args.batch_size, device="cpu")
+    stats = LoaderStats()
+    rows = predict_split(model, shard_set, args.split, batch_size=args.batch_size, device="cpu", stats=stats)
     m = metrics_of(rows)
-    summary = {
-        k: m[k]
-        for k in (
-            "n",
-            "mean_cos",
-            "identity_baseline_cos",
-            "gain",
-            "oracle_cos",
-            "fraction_of_oracle_gap",
-            "impostor_cos",
-        )
-        if k in m
-    }
+    m["dropped_rows"] = {"nonfinite": stats.nonfinite_rows, "unreadable": stats.unreadable_rows}
+    # beside val cos: the data's ceiling (how well frontal references agree with their identity) and the
+    # linear probe (closed-form ridge, when `dist-train probe` has cached it beside the set)
+    from dist_train.data.inspect import data_ceiling
+    from dist_train.probe import FRR_FAR, read_cached
+
+    m["data_ceiling"] = data_ceiling(shard_set, args.split)
+    probe = read_cached(args.shards, split=args.split)
+    frr = {"model": 1.0 - m["tar_at_far"][FRR_FAR]["pred"], "baseline": 1.0 - m["tar_at_far"][FRR_FAR]["baseline"]}
+    if probe is not None:
+        m["linear_probe"] = {"cache": probe["cache"]} | {
+            k: probe["val"][k] for k in ("mean_cos", "per_yaw", "impostor_cos", "tar_at_far")
+        }
+        frr["probe"] = 1.0 - probe["val"]["tar_at_far"][FRR_FAR]["pred"]
+    m["frr_at_far_" + FRR_FAR] = frr
+    c = m["data_ceiling"]
+    summary = {k: m[k] for k in ("n", "mean_cos") if k in m}
+    summary["data_ceiling"] = (
+        {"cos": c["cos"], "ci95": c["ci95"], "n_identities": c["n_identities"]} if c["estimable"] else c["reason"]
+    )
+    summary["linear_probe_cos"] = (
+        m["linear_probe"]["mean_cos"] if probe is not None else f"not cached: run `dist-train probe {args.shards}`"
+    )
+    for k in ("identity_baseline_cos", "gain", "oracle_cos", "fraction_of_oracle_gap", "impostor_cos"):
+        if k in m:
+            summary[k] = m[k]
+    summary["frr_at_far_" + FRR_FAR] = frr
+    summary["dropped_rows"] = m["dropped_rows"]
     print(json.dumps(summary, indent=2))
     if args.json:
         output_file(args.json).write_text(json.dumps(m, indent=2) + "\n")

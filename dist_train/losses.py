@@ -49,6 +49,11 @@ class FrontalLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The keys of ``terms`` that ``forward`` returns."""
+        return ("mse", "cos") + (("contrastive",) if self.cfg.contrastive_weight > 0 else ())
+
     def forward(
         self, pred: torch.Tensor, target: torch.Tensor, identity: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

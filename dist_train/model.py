@@ -240,3 +240,12 @@ class Frontalizer(nn.Module):
 def build_model(cfg: ModelConfig) -> Frontalizer:
     """The model a config describes; the one constructor the trainer, eval and export use."""
     return Frontalizer(cfg)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], emb_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """(src_emb, src_kps, src_pose) from a batch: only the embedding in ``emb_dtype`` (the module's dtype).
+
+    Landmarks are image pixels (thousands): in fp16 they lose whole pixels above 2048 and overflow
+    above 65504, so they and the pose reach the model in fp32 and are normalised there.
+    """
+    return batch["src_emb"].to(emb_dtype), batch["src_kps"].float(), batch["src_pose"].float()

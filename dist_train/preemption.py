@@ -2,8 +2,9 @@
 
 A rank learns of a stop from SIGUSR1/SIGTERM or from a stop file (default
 ``RUN_DIR/STOP``, or ``$DIST_TRAIN_STOP_FILE``), which job scripts create
-instead of signalling the launcher (torchrun dies on SIGUSR1). `agreed()` is a
-max all-reduce, so all ranks stop after the same optimizer step.
+instead of signalling the launcher (torchrun dies on SIGUSR1). Each rank's answer
+goes into the loop's step-statistics read (a max all-reduce at log intervals), so
+all ranks stop after the same optimizer step.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-
-import torch
 
 STOP_FILE_ENV = "DIST_TRAIN_STOP_FILE"
 PREEMPTED = "PREEMPTED"
@@ -34,18 +33,17 @@ class StopRequest:
     def _on_signal(self, signum, frame) -> None:
         self.reason = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        """Collective: True on every rank when any rank was asked to stop."""
+    def requested(self) -> bool:
+        """Whether this rank was asked to stop (a signal or the stop file); the ranks agree in the loop's read."""
         if self.reason is None and self.stop_file.exists():
             self.reason = f"stop file {self.stop_file}"
-        local = 1.0 if self.reason else 0.0
-        if self.acc.num_processes == 1:
-            return bool(local)
-        flag = torch.tensor([local], device=self.acc.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.reason is None:
+        return self.reason is not None
+
+    def agreed(self, any_rank: bool) -> bool:
+        """The ranks' common answer (any rank asked); notes why on the ranks that were not asked themselves."""
+        if any_rank and self.reason is None:
             self.reason = "another rank was asked to stop"
-        return bool(flag.item())
+        return any_rank
 
     def mark(self, step: int) -> None:
         if self.acc.is_main_process:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dist_train.config import Config, ConfigError
+from dist_train.model import model_inputs
 
 PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # ours -> Accelerate's mixed_precision
 
@@ -37,23 +38,33 @@ class Runtime:
 
     @property
     def input_dtype(self) -> torch.dtype:
-        """DeepSpeed fp16/bf16 keeps the module in half precision: its inputs must match."""
+        """DeepSpeed fp16/bf16 keeps the module in half precision: the embedding it reads must match."""
         if self.deepspeed_stage is not None and self.precision != "fp32":
             return torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.float32
 
-    def clip_gradients(self, model: torch.nn.Module, max_norm: float):
-        """Clip to ``max_norm`` and return the total norm (DeepSpeed: the norm its step clipped with).
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`model.model_inputs` in this run's dtype: only the embedding is cast."""
+        return model_inputs(batch, self.input_dtype)
 
-        Outside DeepSpeed this is what Accelerate's ``clip_grad_norm_`` does for DDP and single
-        processes, without the version and package lookups it makes on every call (~0.7 ms per step
-        on CPU, BENCHMARKS.md §2).
-        """
-        acc = self.accelerator
-        if self.deepspeed_stage is not None:
-            return acc.clip_grad_norm_(model.parameters(), max_norm)  # DeepSpeed clips inside its step
-        acc.unscale_gradients()  # fp16 loss scaling: a no-op otherwise
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Collective when distributed: element-wise sums over ranks (float64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, value):
+        """Collective when distributed: rank 0's ``value`` on every rank (any picklable object)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def _env_true(name: str) -> bool:
@@ -129,7 +140,13 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> tuple[dict, 
         ds.setdefault(k, {})["enabled"] = precision == k
     if precision == "fp16":
         ds["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
-        ds["fp16"].setdefault("auto_cast", True)
+        if str(ds["fp16"].get("auto_cast", False)).lower() == "true":
+            raise ConfigError(
+                "the DeepSpeed config sets fp16.auto_cast true, which casts landmarks and pose to fp16 before the model "
+                "normalises them (pixels above 2048 lose whole pixels, above 65504 become inf); set it false: "
+                "dist-train casts the embedding itself"
+            )
+        ds["fp16"]["auto_cast"] = False
     zero = ds.setdefault("zero_optimization", {})
     if int(zero.get("stage", 0)) == 3:
         # lets the best model be gathered (a collective) for the consolidated file
@@ -138,10 +155,28 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> tuple[dict, 
     return ds, precision
 
 
-def setup(cfg: Config) -> Runtime:
-    """Create the Accelerator; call once per process, before any data or model work."""
+def trackers(cfg: Config, extra: tuple = ()) -> list:
+    """``log_with`` for Accelerate: the configured trackers (refused when not installed) plus ``extra`` instances."""
+    from accelerate.tracking import get_available_trackers
+
+    names = [n.strip() for n in cfg.log.log_with.split(",") if n.strip()]
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ConfigError(
+            f"log_with: {missing} not installed here (installed: {sorted(available)}); `pip install "
+            f"{' '.join(m.replace('_', '-') for m in missing)}` or drop them from --log_with"
+        )
+    return names + list(extra)
+
+
+def setup(cfg: Config, extra_trackers: tuple = ()) -> Runtime:
+    """Create the Accelerator; call once per process, before any data or model work.
+
+    ``extra_trackers``: `accelerate.tracking.GeneralTracker` instances that receive what the run logs.
+    """
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, TorchDynamoPlugin
 
     on_gpu = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -162,7 +197,13 @@ def setup(cfg: Config) -> Runtime:
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
     else:
         precision = resolve_precision(cfg, on_gpu)
+    dynamo = None
+    if cfg.train.compile:  # Accelerate compiles in prepare(): torch.compile, or DeepSpeed's engine.compile
+        dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode)
     acc = Accelerator(
+        log_with=trackers(cfg, extra_trackers),
+        project_dir=cfg.train.output_dir,
+        dynamo_plugin=dynamo,
         mixed_precision=PRECISIONS[precision],
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         deepspeed_plugin=plugin,

@@ -1,7 +1,7 @@
-"""Logging callbacks kept outside the loop: TensorBoard scalars, progress bar, console lines.
+"""Logging callbacks kept outside the loop: TensorBoard scalars, progress bar, console lines, row traces.
 
-Only the main process writes; the others get no-op instances so the loop
-never branches on rank.
+Only the main process writes; the others keep the same bookkeeping and write
+nothing, so the loop never branches on rank.
 """
 
 from __future__ import annotations
@@ -9,93 +9,162 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
+from dist_train.stepstats import Interval
+
+LOADER_COUNTERS = ("unreadable_rows", "nonfinite_rows", "bad_blocks", "shard_errors", "repeats", "dropped_tail")
 
 
 class TrainLogger:
-    """Accumulates per-step values and writes their means every `log_every_steps` optimizer steps."""
+    """Collects step intervals (`stepstats.Interval`) and writes their means every `log_every_steps` steps.
 
-    def __init__(self, cfg, run_dir: Path, is_main: bool, start_step: int, total_steps: int, global_batch: int):
+    Everything goes through Accelerate's tracker API (``accelerator.log``: one call site), so the
+    trackers of ``--log_with`` (wandb, mlflow, ...) receive what TensorBoard does; TensorBoard is always
+    one of them, in ``RUN_DIR/tb``, because ``dist-train report`` reads it.
+    """
+
+    def __init__(self, cfg, accelerator, run_config, start_step: int, total_steps: int, global_batch: int):
         self.cfg = cfg  # config.LogConfig
-        self.is_main = is_main
+        self.acc = accelerator
+        self.is_main = accelerator.is_main_process
         self.global_batch = global_batch
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.epoch_loss_sum = 0.0
-        self.epoch_loss_n = 0
+        self.pending = Interval()  # since the last write
+        self.since_eval = Interval()  # since the last evaluation: the denominator of val/train
         self.t0 = time.perf_counter()
-        self.steps_since = 0
-        self.writer = None
         self.bar = None
-        if is_main:
-            from torch.utils.tensorboard import SummaryWriter
+        # purge_step hides points a crashed run wrote after the checkpoint we resume from; TensorBoard drops
+        # steps >= purge_step, and the checkpoint's own step was logged before it was saved
+        tensorboard = {"purge_step": start_step + 1 if start_step else None, "flush_secs": 30}
+        accelerator.init_trackers("tb", init_kwargs={"tensorboard": tensorboard})
+        if self.is_main:
+            for tracker in accelerator.trackers:  # the run's settings, where a tracker keeps them (not TensorBoard:
+                if tracker.name != "tensorboard":  # its hparams would add event folders that report would read)
+                    tracker.store_init_configuration(_flat(run_config.to_dict()))
             from tqdm import tqdm
 
-            # purge_step hides points a crashed run wrote after the checkpoint we resume from; TensorBoard
-            # drops steps >= purge_step, and the checkpoint's own step was logged before it was saved
-            self.writer = SummaryWriter(
-                str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None, flush_secs=30
-            )
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=2.0)
 
-    def step(self, step: int, values: dict[str, float], counters: dict[str, float]) -> None:
-        """Called after every optimizer step with this step's values (loss terms, lr, grad norm...)."""
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.count += 1
-        self.steps_since += 1
-        if "loss" in values:
-            self.epoch_loss_sum += float(values["loss"])
-            self.epoch_loss_n += 1
-        if not self.is_main:
-            return
-        self.bar.update(1)
-        if step % self.cfg.log_every_steps:
-            return
+    def due(self, step: int) -> bool:
+        return step % self.cfg.log_every_steps == 0
+
+    def add(self, interval: Interval) -> None:
+        self.pending.merge(interval)
+        self.since_eval.merge(interval)
+        if self.bar:
+            self.bar.update(interval.steps)
+
+    def write(self, state, loader, lr: float, epoch: float) -> None:
+        """The pending interval's means, the learning rate and the run's cumulative counters, at ``state.step``."""
         now = time.perf_counter()
-        means = {k: v / self.count for k, v in self.sums.items()}
-        means["samples_per_s"] = self.steps_since * self.global_batch / max(now - self.t0, 1e-9)
-        means.update(counters)
-        for k, v in means.items():
-            self.writer.add_scalar(TRAIN_TAGS[k], v, step)
-        self.bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", lr=f"{means.get('lr', 0):.2e}")
-        self.sums, self.count, self.steps_since, self.t0 = {}, 0, 0, now
+        values = dict(self.pending.means)
+        values["lr"] = lr
+        values["samples_per_s"] = self.pending.steps * self.global_batch / max(now - self.t0, 1e-9)
+        values |= {
+            "epoch": epoch,
+            "skipped_steps": state.skipped_steps,
+            "nonfinite_steps": state.nonfinite_steps,
+            "bad_samples": loader.bad_samples,
+            "samples_seen": state.samples_seen,
+        }
+        values |= {k: getattr(loader, k) for k in LOADER_COUNTERS}
+        self.pending, self.t0 = Interval(), now
+        self.acc.log({TRAIN_TAGS[k]: v for k, v in values.items()}, step=state.step)
+        if self.bar:
+            self.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}")
 
     def take_train_loss(self) -> float | None:
         """Mean training loss since the last evaluation (the denominator of val/train)."""
-        if not self.epoch_loss_n:
-            return None
-        mean = self.epoch_loss_sum / self.epoch_loss_n
-        self.epoch_loss_sum, self.epoch_loss_n = 0.0, 0
+        mean = self.since_eval.means.get("loss")
+        self.since_eval = Interval()
         return mean
 
     def eval(self, step: int, metrics: dict) -> None:
-        if not self.is_main:
-            return
-        for tag, v in scalars(metrics).items():
-            self.writer.add_scalar(tag, v, step)
-        self.writer.add_scalar(VAL_EPOCH_TAG, metrics["epoch"], step)
-        self.writer.flush()
+        self.acc.log(scalars(metrics) | {VAL_EPOCH_TAG: metrics["epoch"]}, step=step)
+        self.flush()
         gap = metrics.get("fraction_of_oracle_gap")
+        dropped = metrics.get("dropped_rows") or {}
         self.print(
             f"eval step {step} epoch {metrics['epoch']:.2f}: val cos {metrics['mean_cos']:.4f} "
             f"(identity baseline {metrics['identity_baseline_cos']:.4f}, gain {metrics['gain']:+.4f}"
             + (f", oracle {metrics['oracle_cos']:.4f}, {gap:.0%} of gap closed" if gap is not None else "")
             + f"), impostor {metrics['impostor_cos']:.4f} (baseline {metrics['baseline_impostor_cos']:.4f}), "
             f"val loss {metrics.get('loss', float('nan')):.4f}"
+            + (f"; {sum(dropped.values())} val rows dropped ({_counts(dropped)})" if any(dropped.values()) else "")
+        )
+
+    def test(self, metrics: dict) -> None:
+        """The best model on the test split: TensorBoard ``test/*`` at the best step, and one line."""
+        step = metrics.get("step") or 0
+        self.acc.log(scalars(metrics, prefix="test"), step=step)
+        gap = metrics.get("fraction_of_oracle_gap")
+        self.print(
+            f"test ({metrics['n']} rows, best model of step {step}): cos {metrics['mean_cos']:.4f} "
+            f"(identity baseline {metrics['identity_baseline_cos']:.4f}, gain {metrics['gain']:+.4f}"
+            + (f", {gap:.0%} of the oracle gap" if gap is not None else "")
+            + "); written to metrics/test.json"
         )
 
     def flush(self) -> None:
-        if self.writer:
-            self.writer.flush()
+        if self.is_main:
+            self.acc.get_tracker("tensorboard", unwrap=True).flush()
 
     def print(self, msg: str) -> None:
         if self.is_main:
             (self.bar.write if self.bar else print)(msg)
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.flush()
-            self.writer.close()
+        """Flush the trackers; `accelerator.end_training` closes them."""
+        self.flush()
         if self.bar:
             self.bar.close()
+            self.bar = None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": ...}} -> {"train.lr": ...}: the form trackers keep run settings in."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def data_summary(loader, state) -> str:
+    """The end-of-run account of the data: every row skipped, repeated or left out, by reason."""
+    parts = [f"{state.samples_seen} samples trained on"]
+    parts += [f"{v} {k.replace('_', ' ')}" for k, v in ((k, getattr(loader, k)) for k in LOADER_COUNTERS) if v]
+    if state.nonfinite_steps or state.skipped_steps:
+        parts.append(f"{state.nonfinite_steps} non-finite and {state.skipped_steps} overflow steps skipped")
+    clean = len(parts) == 1
+    return "dist-train: data: " + ", ".join(parts) + ("; no row skipped, repeated or left out" if clean else "")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+
+
+class RowTrace:
+    """Each micro batch's row numbers in the split, per rank: ``RUN_DIR/trace/rows-rank<R>-from<step>.txt``.
+
+    One line per micro batch: ``<optimizer step> <epoch> <row> <row> ...``. A process
+    writes its own file, named by the step it started from, so after a crash and
+    a resume the last file holding a step tells what the finished run read there.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, start_step: int):
+        path = Path(run_dir) / "trace" / f"rows-rank{rank}-from{start_step:08d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w")  # noqa: SIM115 - open for the whole run, closed in close()
+
+    def write(self, step: int, epoch: int, rows) -> None:
+        self.file.write(f"{step} {epoch} " + " ".join(map(str, np.asarray(rows).tolist())) + "\n")
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dist_train.data.synth import SynthParams, make_shard_set
+from dist_train.data.schema import FIELDS
+from dist_train.data.shards import write_index, write_shard_set, write_split
+from dist_train.data.synth import SynthParams, generate, make_shard_set
 
 
 @pytest.fixture(scope="session")
@@ -128,3 +132,37 @@ def zero_runs(demo_shards, tmp_path_factory) -> dict[int, TrainRun]:
     yield runs
     for run in runs.values():
         run.kill()
+
+
+def full_block_shard_set(out: Path, nan_rows: tuple[int, ...] = (), val_nan_rows: tuple[int, ...] = ()) -> Path:
+    """Train 768 rows (3 shards x 2 full blocks of 128), val 256 rows: every block full.
+
+    Full blocks make the stream's batches independent of the micro batch size (see the accumulation
+    test). ``nan_rows`` (train) and ``val_nan_rows`` get a non-finite value planted in one input field
+    each, written block by block with `write_split` as a faulty extractor would.
+    """
+    arrays = generate(SynthParams(n_identities=64, samples_per_identity=16, seed=7))
+    train = {k: v[:768].copy() for k, v in arrays.items()}
+    val = {k: v[768:].copy() for k, v in arrays.items()}
+    if not nan_rows and not val_nan_rows:
+        write_shard_set(
+            out, {"train": train, "val": val}, provenance={"source": "tests"}, shard_samples=256, block_size=128
+        )
+        return out
+    planted = [("src_emb", np.nan), ("src_kps", np.inf), ("src_pose", np.nan), ("tgt_emb", -np.inf)]
+    for split, rows in ((train, nan_rows), (val, val_nan_rows)):
+        for i, row in enumerate(rows):
+            name, value = planted[i % len(planted)]
+            split[name].reshape(len(split[name]), -1)[row, 0] = value
+    splits = {s: write_split(out, s, a, shard_samples=256, block_size=128) for s, a in (("train", train), ("val", val))}
+    write_index(
+        out, splits, fields=list(FIELDS), provenance={"source": "tests", "nan_rows": list(nan_rows)}, block_size=128
+    )
+    return out
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """Every point of a TensorBoard scalar (no reservoir sampling), after TensorBoard's own resume purge."""
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}

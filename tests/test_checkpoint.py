@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 from conftest import FAST_TRAIN_FLAGS, REPO, RUN_ENV, RUN_TIMEOUT_S
 from safetensors.torch import save_file
 
+from dist_train import checkpoint as checkpoint_mod
 from dist_train import config as config_mod
 from dist_train.checkpoint import (
     ABANDONED_DIR,
@@ -98,7 +100,7 @@ class FakeAccelerator:
     def get_state_dict(self, model):
         return model.state_dict()
 
-    def unwrap_model(self, model):
+    def unwrap_model(self, model, **kwargs):
         return model
 
 
@@ -124,12 +126,46 @@ def save_steps(ck: Checkpointer, run_id: str, upto: int, best: int = -1, start: 
 # ---- when to save, what to keep --------------------------------------------------------------------------
 
 
-def test_due_every_n_steps_and_at_epoch_ends(tmp_path):
+def test_due_by_time_every_n_steps_and_every_n_epochs(tmp_path):
     ck, _ = make(tmp_path, every=5)
-    assert [s for s in range(1, 16) if ck.due(s, epoch_end=False)] == [5, 10, 15]
-    assert ck.due(7, epoch_end=True)
+    assert [s for s in range(1, 16) if ck.due(s)] == [5, 10, 15]
+    assert not ck.due(7, completed_epoch=3), "epoch ends are not checkpoints unless asked for"
+    assert ck.due(7, time_due=True)
+    ck.cfg.save_every_epochs = 2
+    assert [e for e in range(1, 7) if ck.due(1, completed_epoch=e)] == [2, 4, 6]
     ck0, _ = make(tmp_path, every=0)
-    assert not any(ck0.due(s, epoch_end=False) for s in range(1, 50)) and ck0.due(3, epoch_end=True)
+    assert not any(ck0.due(s) for s in range(1, 50))
+    # the clock: save_every_minutes after the start, then after each save
+    now = [1000.0]
+    ck, _ = make(tmp_path / "clock", every=0)
+    ck.clock, ck.last_save_time = (lambda: now[0]), now[0]
+    ck.cfg.save_every_minutes = 30
+    now[0] += 29 * 60
+    assert not ck.time_due()
+    now[0] += 60
+    assert ck.time_due()
+    ck.save(TrainState(step=1, run_id="r"))
+    assert not ck.time_due()
+    ck.cfg.save_every_minutes = 0
+    now[0] += 10**6
+    assert not ck.time_due(), "0 turns it off"
+
+
+def test_the_best_model_is_written_in_the_background_at_most_every_interval(tmp_path, monkeypatch):
+    """A newer best replaces a snapshot still waiting; close() writes the last one; the step never waits."""
+    ck, acc = make(tmp_path)
+    ck._best.min_interval_s = 3600  # only the first write may start now; the rest wait for close()
+    written = []
+    monkeypatch.setattr(checkpoint_mod, "save_consolidated", lambda path, sd, cfg, meta: written.append(meta["step"]))
+    model = torch.nn.Linear(2, 2)
+    for step in (1, 2, 3):
+        ck.save_best(model, TrainState(step=step, run_id="r"), {"mean_cos": 0.5})
+    deadline = time.monotonic() + 10
+    while written != [1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert written == [1], "step 1 written at once, 2 replaced by 3 while waiting"
+    ck.close(TrainState(step=3, run_id="r"))
+    assert written == [1, 3]
 
 
 def test_maybe_save_when_due_or_forced_and_never_twice_at_one_step(tmp_path):
@@ -445,8 +481,9 @@ def test_a_failed_best_model_write_is_a_checkpoint_write_error(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    ck.save_best(model, TrainState(step=5, run_id="r"), {"mean_cos": 0.9})  # written in the background
     with pytest.raises(CheckpointWriteError, match=r"best model \(step 5\) could not be written"):
-        ck.save_best(model, TrainState(step=5, run_id="r"), {"mean_cos": 0.9})
+        ck.close(TrainState(step=6, run_id="r"))  # (or the next save_best): the failure reaches every rank
     assert not list((ck.run_dir / BEST_DIR).iterdir())
 
 
@@ -454,10 +491,14 @@ def test_save_best_outside_deepspeed_writes_the_models_fp32_weights(tmp_path):
     ck, _ = make(tmp_path)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
     path = ck.save_best(model, TrainState(step=5, run_id="r"), {"mean_cos": 0.9})
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight += 1  # training goes on while the file is written: the snapshot is what gets written
+    ck.close(TrainState(step=6, run_id="r"))
     sd, _, meta = load_consolidated(path)
     assert meta == {"step": 5, "val_mean_cos": 0.9, "run_id": "r"}
     assert sd.keys() == model.state_dict().keys()
-    assert all(torch.equal(sd[k], v) and sd[k].dtype == torch.float32 for k, v in model.state_dict().items())
+    assert all(torch.equal(sd[k], v) and sd[k].dtype == torch.float32 for k, v in expected.items())
 
 
 # ---- two real ranks (gloo): a failure on one rank reaches every rank ------------------------------------------

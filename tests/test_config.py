@@ -118,6 +118,7 @@ def test_presets_match_the_design_notes(preset, checks):
         (["--scheduler_type", "linear"], ["scheduler_type", "'linear'", "'cosine'", "'cosine_restarts'"]),
         (["--use_mixed_precision", "maybe"], ["use_mixed_precision", "true or false"]),
         (["--dropout", "1.5"], ["dropout", "[0, 1)"]),
+        (["--max_bad_steps", "0"], ["max_bad_steps", "0", "positive"]),  # 0 stopped every run at step 1
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(argv, fragments):

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from dist_train.checkpoint import CKPT_DIR, COMPLETE, complete_checkpoints, step_dir_name
+from dist_train.loop import DONE
 from dist_train.metrics import TRAIN_TAGS
 from dist_train.preemption import PREEMPTED
-from dist_train.train import DONE
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_DIR = REPO / "launch" / "slurm"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -21,7 +22,6 @@ from dist_train.data.schema import EMB_DIM, N_LANDMARKS, finite_rows
 from dist_train.data.stream import (
     LoaderStats,
     TrainStream,
-    check_exact_epoch,
     eval_batch_count,
     eval_batches,
     expand_urls,
@@ -123,28 +123,85 @@ def test_two_ranks_yield_equal_counts_on_uneven_shards(uneven, resampled):
         assert [len(e) for e in run_epochs(s, 2)] == [20, 20]
 
 
-def test_exact_epoch_repeats_short_ranks_and_drops_long_tails(uneven):
-    # Shards 256/160/96 over 2 ranks, 20 batches of 16 = 320 rows per rank per epoch. Each epoch one rank
-    # holds less than 320 rows (it repeats) or more (it drops the rest); counts must add up exactly.
+def readers_rows(source, world_size: int, epoch: int, batches: int, **kw) -> list[np.ndarray]:
+    """Per rank, the identities (= row numbers in these sets) it yields in one epoch."""
+    out = []
+    for rank in range(world_size):
+        s = stream(source, rank=rank, world_size=world_size, batches_per_epoch=batches, **kw)
+        s.set_epoch(epoch)
+        out.append(ids(list(s)))
+    return out
+
+
+@pytest.mark.parametrize("readers", [4, 16])
+def test_resampled_mode_covers_the_rows_like_sampling_with_replacement(tmp_path, readers):
+    """R readers x E epochs see ~1 - e^-E of the rows (>= 95% after 5), whatever the shard and block sizes.
+
+    Before, each epoch re-opened every shard at its first block: 4 readers saw ~35% of a 19k-row set in 5 epochs.
+    """
+    source = uneven_set(tmp_path, sizes=(4096, 64 * 7 + 5, 9000, 1200, 3500, 800))  # blocks of 32, some partial
+    total = 4096 + 64 * 7 + 5 + 9000 + 1200 + 3500 + 800
+    batches = total // (readers * BATCH)
+    seen: set[int] = set()
+    for epoch in range(5):
+        for rows in readers_rows(source, readers, epoch, batches, num_workers=0):
+            assert len(rows) == len(np.unique(rows)), "a reader saw a row twice within its epoch"
+            seen |= set(rows.tolist())
+        if epoch == 0:  # each reader takes 1/R of the blocks: a row is missed by all R with (1 - 1/R)^R ~ e^-1
+            assert len(seen) / total == pytest.approx(1 - (1 - 1 / readers) ** readers, abs=0.05)
+    assert len(seen) / total >= 0.95
+
+
+def test_exact_epoch_reads_every_row_once_across_ranks_and_workers(uneven):
+    """2 ranks x 2 workers on shards of 256/160/96 rows: balance rows, not shards."""
+    world, workers = 2, 2
+    batches = 512 // (world * BATCH)  # 16 per rank: 512 rows, no tail
+    for epoch in range(2):
+        rows = np.concatenate(readers_rows(uneven, world, epoch, batches, num_workers=workers, resampled=False))
+        assert sorted(rows.tolist()) == list(range(512))
+    # 15 batches per rank: 480 rows; the 32-row tail (< one global batch) is left out, counted, and another each epoch
+    tails, stats = [], None
     for epoch in range(3):
-        for rank in (0, 1):
-            s = stream(uneven, rank=rank, world_size=2, resampled=False)
-            s.set_epoch(epoch)
-            seen = ids(list(s))
-            mine = {i for i in range(512) if _shard_of(i) in {_shard_of(j) for j in seen}}
-            st = s.stats
-            assert len(seen) == 320
-            assert st.repeats == 320 - len(np.unique(seen))
-            assert st.bad_samples == st.bad_blocks == st.shard_errors == 0
-            if len(mine) <= 320:  # shards suffice: every sample of the rank's shards at least once
-                assert set(seen.tolist()) == mine
-                assert st.repeats == 320 - len(mine) and st.dropped_tail == 0
-            else:
-                assert st.repeats == 0 and st.dropped_tail == len(mine) - 320
+        s = stream(uneven, rank=0, world_size=1, batches_per_epoch=30, num_workers=workers, resampled=False)
+        s.set_epoch(epoch)
+        rows = ids(list(s))
+        assert len(rows) == 480 == len(np.unique(rows))
+        tails.append(frozenset(range(512)) - set(rows.tolist()))
+        stats = s.stats
+        assert (stats.dropped_tail, stats.repeats) == (32, 0)
+    assert len(set(tails)) == 3, "the rows left out change from epoch to epoch"
 
 
-def _shard_of(identity: int) -> int:
-    return 0 if identity < 256 else 1 if identity < 416 else 2
+def test_exact_epoch_makes_up_for_bad_rows_with_counted_repeats(tmp_path):
+    arrays = sample_arrays(128, 0)
+    bad = [3, 40, 77, 100]
+    arrays["src_emb"][3, 5] = np.nan
+    arrays["src_kps"][40, 0, 0] = np.inf
+    arrays["src_pose"][77, 1] = -np.inf
+    arrays["tgt_emb"][100, 0] = np.nan
+    shards.write_shard_set(tmp_path, {"train": arrays}, provenance={}, shard_samples=64, block_size=BLOCK)
+    for workers in (0, 2):
+        s = stream(shards.ShardSet.open(tmp_path), batches_per_epoch=8, resampled=False, num_workers=workers)
+        rows = ids(list(s))
+        assert len(rows) == 128 and set(rows.tolist()) == set(range(128)) - set(bad)
+        assert (s.stats.nonfinite_rows, s.stats.repeats, s.stats.dropped_tail) == (4, 4, 0)
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_a_resumed_epoch_yields_exactly_the_batches_not_yet_consumed(uneven, resampled):
+    """Kill after ``done`` batches, resume with start_batch=done: the epoch reads each row exactly as if uninterrupted."""
+    world, workers, batches, done = 2, 2, 16, 7
+    for rank in range(world):
+        whole = stream(uneven, rank=rank, world_size=world, batches_per_epoch=batches, num_workers=workers,
+                       resampled=resampled)  # fmt: skip
+        whole.set_epoch(3)
+        full = [b["identity"].numpy() for b in whole]
+        resumed = stream(uneven, rank=rank, world_size=world, batches_per_epoch=batches, num_workers=workers,
+                         resampled=resampled)  # fmt: skip
+        resumed.set_epoch(3, start_batch=done)
+        rest = [b["identity"].numpy() for b in resumed]
+        assert len(rest) == batches - done
+        assert sorted(np.concatenate(full[done:]).tolist()) == sorted(np.concatenate(rest).tolist())
 
 
 def test_exact_epoch_covers_every_sample_each_epoch(with_val):
@@ -152,17 +209,6 @@ def test_exact_epoch_covers_every_sample_each_epoch(with_val):
     for batches in run_epochs(s, 2):
         assert set(ids(batches).tolist()) == set(range(300))
     assert s.stats.samples_read >= 600 and s.stats.dropped_tail == 0
-
-
-def test_rank_and_epoch_shares_cover_the_split_in_exact_mode(with_val):
-    # 3 shards, 3 ranks: in each epoch the ranks read different shards, together all of them.
-    for epoch in range(2):
-        seen = []
-        for rank in range(3):
-            s = stream(with_val, rank=rank, world_size=3, resampled=False, batches_per_epoch=2)
-            s.set_epoch(epoch)
-            seen.append({i // 128 for i in ids(list(s)).tolist()})
-        assert sorted(min(x) for x in seen) == [0, 1, 2] and all(len(x) == 1 for x in seen)
 
 
 def test_resampled_works_with_fewer_shards_than_ranks_times_workers(uneven):
@@ -173,12 +219,10 @@ def test_resampled_works_with_fewer_shards_than_ranks_times_workers(uneven):
         assert [len(e) for e in run_epochs(s, 1)] == [6]
 
 
-def test_exact_mode_refuses_fewer_shards_than_readers_before_reading(uneven):
-    with pytest.raises(ValueError, match=r"3 shard\(s\) for 2 rank\(s\) x 2 worker\(s\).*resampled: true"):
-        stream(uneven, world_size=2, rank=0, num_workers=2, resampled=False)
-    with pytest.raises(ValueError, match="resampled: true"):
-        check_exact_epoch(shard_count=3, world_size=4, num_workers=0)
-    check_exact_epoch(shard_count=4, world_size=2, num_workers=2)
+def test_exact_mode_works_with_fewer_shards_than_readers(uneven):
+    # 3 shards, 2 ranks x 2 workers: rows are dealt, not shards
+    rows = np.concatenate(readers_rows(uneven, 2, 0, 512 // (2 * BATCH), num_workers=2, resampled=False))
+    assert sorted(rows.tolist()) == list(range(512))
 
 
 def test_same_seed_epoch_rank_same_batches_and_one_worker_matches_in_process(uneven):
@@ -215,22 +259,21 @@ def test_truncated_shard_is_skipped_and_counted_in_both_modes(cut_set):
     good = readable_ids(cut_set.shard_paths("train")[0])
     lost = set(range(256)) - good
     assert 0 < len(lost) < 256
-    # exact mode, one rank: each pass meets the cut (a partial block or a tar read error) and loses `lost` rows
+    # exact mode, one rank, 40 batches of 16 (> the 512 rows): the cut's rows are lost once, made up by repeats
     s = stream(cut_set, resampled=False, batches_per_epoch=40)
     seen = set(ids(list(s)).tolist())
     st = s.stats
-    assert not seen & lost and good <= seen
-    assert st.bad_blocks + st.shard_errors >= 1
-    assert st.bad_samples >= len(lost) and st.bad_samples % len(lost) == 0
+    assert seen == set(range(512)) - lost
+    assert st.bad_blocks >= 1 and st.unreadable_rows == len(lost) and st.repeats == 640 - len(seen)
     # resampled mode, two ranks: equal counts, the cut shard drawn and counted
-    errors = 0
+    bad_blocks = 0
     for rank in (0, 1):
         r = stream(cut_set, rank=rank, world_size=2, batches_per_epoch=40)
         batches = list(r)
         assert len(batches) == 40 and not set(ids(batches).tolist()) & lost
-        errors += r.stats.bad_blocks + r.stats.shard_errors
-        assert r.stats.bad_samples % len(lost) == 0
-    assert errors > 0
+        bad_blocks += r.stats.bad_blocks
+        assert r.stats.unreadable_rows > 0
+    assert bad_blocks > 0
 
 
 def test_finite_rows_agrees_with_isfinite_for_float16_storage_and_float32():
@@ -245,24 +288,6 @@ def test_finite_rows_agrees_with_isfinite_for_float16_storage_and_float32():
     assert expected.sum() == 64 - 12
     assert np.array_equal(finite_rows(arrays), expected)
     assert np.array_equal(finite_rows({"src_emb": emb[:, ::3]}), np.isfinite(emb[:, ::3]).all(axis=1))
-
-
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_rows_with_non_finite_values_are_dropped_in_the_loader_and_counted(tmp_path, num_workers):
-    arrays = sample_arrays(128, 0)
-    arrays["src_emb"][3, 5] = np.nan
-    arrays["src_kps"][40, 0, 0] = np.inf
-    arrays["src_pose"][77, 1] = -np.inf
-    arrays["tgt_emb"][100, 0] = np.nan
-    bad = {3, 40, 77, 100}
-    shards.write_shard_set(tmp_path, {"train": arrays}, provenance={}, shard_samples=128, block_size=BLOCK)
-    s = stream(shards.ShardSet.open(tmp_path), batches_per_epoch=7, resampled=False, num_workers=num_workers)
-    batches = list(s)
-    assert all(bool(torch.isfinite(v).all()) for b in batches for v in b.values())
-    seen = ids(batches)
-    assert len(seen) == 7 * BATCH == len(set(seen)) and not bad & set(seen.tolist())
-    # 124 good rows, 112 used: the rest is this epoch's dropped tail, and every row is accounted for
-    assert (s.stats.bad_samples, s.stats.samples_read, s.stats.dropped_tail) == (4, 128, 124 - 112)
 
 
 def test_worker_counts_reach_the_main_process(cut_set):
@@ -308,26 +333,56 @@ def test_shards_without_any_valid_block_raise_naming_them(tmp_path):
     for p in bad:
         p.write_bytes(b"this is not a tar file" * 100)
     for resampled in (True, False):
-        s = TrainStream([str(p) for p in bad], batch_size=4, batches_per_epoch=2, resampled=resampled, num_workers=0)
-        with pytest.raises(ValueError, match=r"no valid block in any of its 2 shard\(s\).*x-0.tar"):
-            list(s)
+        with pytest.raises(ValueError, match=r"hold no readable block \(2 shard\(s\): .*x-0.tar"):
+            TrainStream([str(p) for p in bad], batch_size=4, batches_per_epoch=2, resampled=resampled, num_workers=0)
 
 
 # --- URLs and arguments -----------------------------------------------------------------------------
 
 
-def test_glob_brace_and_pipe_urls_give_the_same_stream(with_val):
+def test_glob_and_brace_give_the_same_stream_and_urls_are_refused(with_val, tmp_path):
     root = str(with_val.root)
     listed = with_val.shard_paths("train")
     assert expand_urls(f"{root}/train-*.tar") == listed
     assert expand_urls([f"{root}/train-{{000000..000002}}.tar"]) == listed
     expected = ids(list(stream(with_val, batches_per_epoch=8)))
-    for form in (
-        f"{root}/train-*.tar",
-        f"{root}/train-{{000000..000002}}.tar",
-        f"pipe:cat {root}/train-{{000000..000002}}.tar",
-    ):
+    for form in (f"{root}/train-*.tar", f"{root}/train-{{000000..000002}}.tar"):
         assert np.array_equal(ids(list(stream(form, batches_per_epoch=8))), expected), form
+    ran = tmp_path / "ran"
+    for url in (f"pipe:touch {ran}", "http://example.com/train-000000.tar"):
+        with pytest.raises(ValueError, match="is a URL; dist-train reads local shard files only"):
+            stream(url, batches_per_epoch=8)
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize(
+    "entry", ["pipe:touch {ran}", "/etc/passwd.tar", "../outside.tar", "sub/train-000000.tar", "http://x/y.tar", ""]
+)
+def test_index_entries_that_are_not_plain_file_names_are_refused_before_reading(with_val, tmp_path, entry):
+    """Shard sets are shared data: an index.json entry must never run a command or point out of its folder."""
+    root = tmp_path / "evil"
+    shutil.copytree(with_val.root, root)
+    ran = tmp_path / "ran"
+    index = json.loads((root / "index.json").read_text())
+    index["splits"]["train"]["shards"][1]["file"] = entry.format(ran=ran)
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(shards.ShardSetError, match=r"not a plain file name ending in .tar"):
+        shards.ShardSet.open(root)
+    for command in (["inspect", str(root)], ["train", "--data_dir", str(root), "--output_dir", str(tmp_path / "r")]):
+        out = subprocess.run([sys.executable, "-m", "dist_train", *command], capture_output=True, text=True, cwd=root)
+        assert out.returncode == 2 and "not a plain file name" in out.stderr, out.stderr[-2000:]
+    assert not ran.exists(), "a command from index.json ran"
+
+
+def test_a_shard_that_is_a_symlink_is_refused(with_val, tmp_path):
+    root = tmp_path / "linked"
+    shutil.copytree(with_val.root, root)
+    target = root / "train-000001.tar"
+    moved = tmp_path / "elsewhere.tar"
+    target.rename(moved)
+    target.symlink_to(moved)
+    with pytest.raises(shards.ShardSetError, match="is a symbolic link"):
+        shards.ShardSet.open(root)
 
 
 def test_bad_urls_and_arguments_fail_before_reading(with_val, tmp_path):
@@ -361,6 +416,24 @@ def test_eval_batches_cover_the_split_exactly_once(with_val, world_size, batch_s
         counts.append(n)
     assert counts == [eval_batch_count(with_val, "val", batch_size, world_size)] * world_size
     assert sorted(valid_ids) == list(range(1000, 1300))
+
+
+def test_eval_drops_and_counts_rows_with_non_finite_values(tmp_path):
+    """One NaN row must not make every validation metric NaN: it becomes an invalid row, counted."""
+    arrays = sample_arrays(100, 0)
+    arrays["src_emb"][5, 0] = np.nan
+    arrays["src_kps"][50, 1, 2] = np.inf
+    arrays["tgt_emb"][99, 7] = -np.inf
+    shards.write_shard_set(tmp_path, {"val": arrays}, provenance={}, shard_samples=64, block_size=BLOCK)
+    ss = shards.ShardSet.open(tmp_path)
+    stats = LoaderStats()
+    valid_ids = []
+    for rank in range(2):
+        for batch, valid in eval_batches(ss, "val", 16, rank, 2, stats=stats):
+            assert all(bool(torch.isfinite(v.float()).all()) for v in batch.values())
+            valid_ids += batch["identity"][valid].tolist()
+    assert sorted(valid_ids) == sorted(set(range(100)) - {5, 50, 99})
+    assert (stats.nonfinite_rows, stats.unreadable_rows, stats.bad_samples) == (3, 0, 3)
 
 
 def test_eval_with_fewer_samples_than_ranks(tmp_path):

@@ -16,23 +16,28 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_TRAIN_FLAGS, RUN_TIMEOUT_S, ZERO_RUN_EVERY, ZERO_RUN_STEPS, TrainRun
+from conftest import (
+    FAST_TRAIN_FLAGS,
+    RUN_TIMEOUT_S,
+    ZERO_RUN_EVERY,
+    ZERO_RUN_STEPS,
+    TrainRun,
+    full_block_shard_set,
+    scalars,
+)
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dist_train import cli
 from dist_train import config as config_mod
 from dist_train.checkpoint import CKPT_DIR, COMPLETE, CONSOLIDATED, STATE_FILE, save_consolidated, step_dir_name
-from dist_train.data.schema import FIELDS, YAW_BUCKETS
-from dist_train.data.shards import ShardSet, write_index, write_shard_set, write_split
-from dist_train.data.synth import SynthParams, generate
+from dist_train.data.schema import YAW_BUCKETS
+from dist_train.data.shards import ShardSet
+from dist_train.loop import DONE
 from dist_train.metrics import TRAIN_TAGS
 from dist_train.model import build_model
-from dist_train.train import DONE
 
 # The design notes' schemes, flags verbatim (../shared/design/README.md, "Prescriptions").
 SCHEME_1 = (
@@ -52,45 +57,13 @@ ACCUMULATION_STEPS = 8
 EARLY_STOP_EVERY, EARLY_STOP_PATIENCE = 5, 2
 RESUME_REL_TOL = 0.15  # resumed vs uninterrupted mean train/loss after the resume
 NAN_ROWS = (3, 100, 101, 300, 517, 700, 767)  # train rows given a non-finite value in some input field
+VAL_NAN_ROWS = (0, 50, 255)
 DS_JSON_MICRO_BATCH = 16  # disagrees with the run's --batch_size 32
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    """Every point of a TensorBoard scalar (no reservoir sampling), after TensorBoard's own resume purge."""
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def finished_steps(log: str, outcome: str = "finished") -> dict[str, int]:
     """Rank -> the step its `[rank R/W] <outcome> at step N` line reports."""
     return {rank: int(step) for rank, step in re.findall(rf"\[rank (\d+/\d+)\] {outcome} at step (\d+)", log)}
-
-
-def full_block_shard_set(out: Path, nan_rows: tuple[int, ...] = ()) -> Path:
-    """Train 768 rows (3 shards x 2 full blocks of 128), val 256 rows: every block full.
-
-    Full blocks make the stream's batches independent of the micro batch size (see the accumulation
-    test). ``nan_rows`` get a non-finite value planted in one input field each, written block by block
-    with `write_split` as a faulty extractor would.
-    """
-    arrays = generate(SynthParams(n_identities=64, samples_per_identity=16, seed=7))
-    train = {k: v[:768].copy() for k, v in arrays.items()}
-    val = {k: v[768:] for k, v in arrays.items()}
-    if not nan_rows:
-        write_shard_set(
-            out, {"train": train, "val": val}, provenance={"source": "tests"}, shard_samples=256, block_size=128
-        )
-        return out
-    planted = [("src_emb", np.nan), ("src_kps", np.inf), ("src_pose", np.nan), ("tgt_emb", -np.inf)]
-    for i, row in enumerate(nan_rows):
-        name, value = planted[i % len(planted)]
-        train[name].reshape(len(train[name]), -1)[row, 0] = value
-    splits = {s: write_split(out, s, a, shard_samples=256, block_size=128) for s, a in (("train", train), ("val", val))}
-    write_index(
-        out, splits, fields=list(FIELDS), provenance={"source": "tests", "nan_rows": list(nan_rows)}, block_size=128
-    )
-    return out
 
 
 def flag_values(flags: str) -> dict[str, str]:
@@ -123,7 +96,7 @@ def resume_after_kill(run: TrainRun, result: dict) -> None:
 def runs(demo_shards, zero_runs, tmp_path_factory) -> dict[str, TrainRun]:
     tmp = tmp_path_factory.mktemp("train_runs")
     full = full_block_shard_set(tmp / "full_blocks")
-    nan = full_block_shard_set(tmp / "nan_rows", NAN_ROWS)
+    nan = full_block_shard_set(tmp / "nan_rows", NAN_ROWS, VAL_NAN_ROWS)
     ds_json = tmp / "micro16.json"
     ds_json.write_text(
         json.dumps({"train_micro_batch_size_per_gpu": DS_JSON_MICRO_BATCH, "zero_optimization": {"stage": 2}})
@@ -147,7 +120,7 @@ def runs(demo_shards, zero_runs, tmp_path_factory) -> dict[str, TrainRun]:
         "nan_rows": TrainRun(
             tmp, "nan_rows",
             [*FAST_TRAIN_FLAGS, "--data_dir", str(nan), "--resampled", "false", "--batch_size", "32"]
-            + ["--max_steps", "24", "--log_every_steps", "8"],
+            + ["--max_steps", "24", "--log_every_steps", "8", "--eval_every_steps", "12", "--eval_max_samples", "256"],
         ),
         "fp16_on_cpu": TrainRun(tmp, "fp16_on_cpu", [*fast, "--precision", "fp16", "--max_steps", "2"]),
         "ds_json_micro_batch": TrainRun(
@@ -221,8 +194,10 @@ def test_micro_8_times_accumulation_4_matches_micro_32(runs):
     last = step_dir_name(ACCUMULATION_STEPS)
     wa, wb = (load_file(str(d / CKPT_DIR / last / "model.safetensors")) for d in (a, b))
     assert wa.keys() == wb.keys()
-    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert worst < 1e-4, f"weights differ by {worst} after {ACCUMULATION_STEPS} steps"
+    # Float rounding of the summed gradients, which Adam amplifies where a gradient is near zero (m / sqrt(v)):
+    # a handful of the 280k elements differ by ~1e-4 (fused AdamW), the rest by < 2e-5.
+    diff = np.concatenate([(wa[k] - wb[k]).abs().flatten().numpy() for k in wa])
+    assert diff.max() < 1e-3 and (diff > 2e-5).mean() < 1e-4, f"weights differ by up to {diff.max()}"
 
 
 # ---- resume -------------------------------------------------------------------------------------------------
@@ -335,12 +310,21 @@ def test_non_finite_rows_are_dropped_counted_and_training_finishes(runs):
     assert rc == 0, log[-3000:]
     assert finished_steps(log) == {"0/1": 24}
     assert (run.run_dir / DONE).is_file()
-    # exact-epoch mode, one rank: 24 steps x 32 rows read each of the 768 train rows exactly once
-    bad = scalars(run.run_dir, TRAIN_TAGS["bad_samples"])
-    assert bad[24] == len(NAN_ROWS), bad
+    # exact-epoch mode, one rank: 24 steps x 32 rows = the 768 train rows; the 7 dropped are made up by repeats
+    bad = scalars(run.run_dir, TRAIN_TAGS["nonfinite_rows"])
+    assert bad[24] == len(NAN_ROWS) == scalars(run.run_dir, TRAIN_TAGS["bad_samples"])[24], bad
+    assert scalars(run.run_dir, TRAIN_TAGS["repeats"])[24] == len(NAN_ROWS)
     assert list(bad.values()) == sorted(bad.values())
     assert all(v == 0 for v in scalars(run.run_dir, TRAIN_TAGS["nonfinite_steps"]).values())
     assert all(math.isfinite(v) for v in scalars(run.run_dir, TRAIN_TAGS["loss"]).values())
+    assert f"dist-train: data: 768 samples trained on, {len(NAN_ROWS)} nonfinite rows, {len(NAN_ROWS)} repeats" in log
+    # validation drops its non-finite rows too: finite metrics, a best model, the rows counted in each evaluation
+    for path in sorted((run.run_dir / "metrics").glob("eval-step*.json")):
+        m = json.loads(path.read_text())
+        assert math.isfinite(m["mean_cos"]) and m["n"] == 256 - len(VAL_NAN_ROWS)
+        assert m["dropped_rows"] == {"nonfinite": len(VAL_NAN_ROWS), "unreadable": 0}
+    assert f"{len(VAL_NAN_ROWS)} val rows dropped ({len(VAL_NAN_ROWS)} nonfinite)" in log
+    assert (run.run_dir / "best" / CONSOLIDATED).is_file()
 
 
 # ---- misuse --------------------------------------------------------------------------------------------------
@@ -379,9 +363,11 @@ def test_diverging_run_stops_after_max_bad_steps_with_a_checkpoint(demo_shards, 
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 3, r.stderr[-2000:]
-    msg = re.search(r"error: 3 consecutive non-finite losses at step (\d+); checkpoint saved", r.stdout)
+    msg = re.search(r"error: 3 consecutive non-finite losses at step (\d+); checkpoint saved at step (\d+)", r.stdout)
     assert msg, r.stdout[-2000:]
-    step = int(msg.group(1))
-    assert step < 60 and (out / CKPT_DIR / step_dir_name(step) / COMPLETE).is_file()
+    diverged, step = int(msg.group(1)), int(msg.group(2))
+    # judged when the interval's values reach the host (every --log_every_steps steps): skipped steps change nothing
+    assert diverged <= step < diverged + 10 and step < 60
+    assert (out / CKPT_DIR / step_dir_name(step) / COMPLETE).is_file()
     assert not (out / DONE).exists()
     assert json.loads((out / CKPT_DIR / step_dir_name(step) / STATE_FILE).read_text())["nonfinite_steps"] >= 3

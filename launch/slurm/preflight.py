@@ -1,7 +1,7 @@
 """Checks a SLURM job's settings before any training process starts; prints the run directory.
 
 The job scripts run it on the batch node so that a missing config file, a bad
-flag, a missing DeepSpeed JSON or a shard set too small for exact epochs ends
+flag, a missing DeepSpeed JSON or an unreadable shard set ends
 the job at once with a message, instead of as a traceback per rank after the
 allocation has been spent starting processes. The trainer's own config code
 does the checking, so the rules live in one place.
@@ -19,8 +19,7 @@ import yaml
 
 from dist_train import config as config_mod
 from dist_train.config import ConfigError
-from dist_train.data.shards import ShardSet, ShardSetError
-from dist_train.data.stream import check_exact_epoch
+from dist_train.data.shards import ShardSetError
 
 ACCELERATE_DIR = Path("launch/accelerate")
 
@@ -50,7 +49,8 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2 or not argv[1].isdigit():
         print("usage: python -m launch.slurm.preflight ACCELERATE_YAML WORLD_SIZE [trainer flags...]", file=sys.stderr)
         return 2
-    accelerate_yaml, world_size, trainer_flags = argv[0], int(argv[1]), argv[2:]
+    # WORLD_SIZE stays in the job scripts' call; exact epochs deal rows, so any world size has data
+    accelerate_yaml, trainer_flags = argv[0], argv[2:]
     parser = argparse.ArgumentParser(prog="dist-train job (trainer flags)")
     config_mod.add_arguments(parser)
     try:
@@ -61,12 +61,6 @@ def main(argv: list[str]) -> int:
         cfg = config_mod.from_args(args)
         if cfg.data.data_dir is None:
             raise ConfigError("data_dir: not set; pass --data_dir DIR (a shard set) or set data.data_dir in the config")
-        if not cfg.data.resampled:
-            shards = ShardSet.open(cfg.data.data_dir).shard_paths(cfg.data.train_split)
-            try:
-                check_exact_epoch(len(shards), world_size, cfg.data.num_workers)
-            except ValueError as e:
-                raise ConfigError(f"resampled: {e}") from e
     except (ConfigError, ShardSetError) as e:
         print(f"dist-train job: error: {e}", file=sys.stderr)
         return 2
