@@ -3,7 +3,9 @@
 Figures are built with `matplotlib.figure.Figure` (Agg canvas, no pyplot
 state), so reports can be written on headless nodes and from tests. A metric a
 run did not log (no oracle on real data, no loss scale without fp16) is simply
-left out; a figure no run has data for is not written.
+left out; a figure no run has data for is not written. The shard set's own
+figures (`Run.data`: the data ceiling with its 95 % band and the linear
+probe) are horizontal lines in the run's colour beside its curves.
 """
 
 from __future__ import annotations
@@ -13,6 +15,17 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+
+from dist_train.metrics import scalars
+
+FRR_FAR = "0.001"  # the FAR whose false-reject rate is plotted (metrics.scalars' tag spelling)
+
+
+def run_tar_tag(key: str) -> str:
+    """TensorBoard tag of TAR at FAR 1e-3 (``key`` pred or baseline), as `metrics.scalars` names it."""
+    (tag,) = scalars({"tar_at_far": {FRR_FAR: {key: 0.0}}})
+    return tag
+
 
 DPI = 100
 
@@ -57,20 +70,67 @@ def plot_loss(runs, colours, th, path: Path) -> Path | None:
     return finish(fig, [ax], path) if drawn else None
 
 
+CEILING_STYLE = {"linestyle": (0, (1, 1)), "linewidth": 2.5}  # dense dots: the data's ceiling
+PROBE_STYLE = {"linestyle": "--", "linewidth": 1.2}  # dashed: the linear probe
+
+
+def data_lines(ax, runs, colours, ceiling, probe) -> None:
+    """Horizontal lines of per-run figures of the shard set: ``ceiling(run)`` -> (value, (lo, hi) or None) or None,
+    ``probe(run)`` -> value or None; the ceiling's 95 % interval as a band."""
+    for run, colour in zip(runs, colours):
+        c = ceiling(run)
+        if c is not None:
+            ax.axhline(c[0], color=colour, **CEILING_STYLE)
+            if c[1]:
+                ax.axhspan(c[1][0], c[1][1], color=colour, alpha=0.12, linewidth=0)
+        v = probe(run)
+        if v is not None:
+            ax.axhline(v, color=colour, **PROBE_STYLE)
+
+
+def ceiling_of(run):
+    c = run.ceiling()
+    return None if c is None else (c["cos"], c.get("ci95"))
+
+
+def probe_frr(run):
+    p = run.probe()
+    tar = None if p is None else p.get("tar_at_far", {}).get(FRR_FAR, {}).get("pred")
+    return None if tar is None else 1.0 - tar
+
+
+def frr_curve(run, key: str):
+    c = run.curve(run_tar_tag(key))
+    return None if c is None else (c[0], 1.0 - c[1])
+
+
 def plot_cos(runs, colours, th, path: Path) -> Path | None:
     impostor = any(r.val("impostor_cos") is not None for r in runs)
-    fig, axes = new_figure(2 if impostor else 1)
+    frr = any(frr_curve(r, "pred") is not None for r in runs)
+    fig, axes = new_figure(1 + impostor + frr)
     ax = axes[0]
     drawn = overlay(ax, runs, colours, lambda r: r.val("mean_cos"))
     overlay(ax, runs, colours, lambda r: r.val("identity_baseline_cos"), legend=False, linestyle=":")
     overlay(ax, runs, colours, lambda r: r.val("oracle_cos"), legend=False, linestyle="-.")
+    data_lines(ax, runs, colours, ceiling_of, lambda r: r.probe() and r.probe()["mean_cos"])
     ax.set_ylabel("cos(pred, frontal)")
-    ax.set_title("val cos (solid), identity baseline (dotted), oracle ceiling (dash-dot)")
+    ax.set_title(
+        "val cos (solid), identity baseline (dotted), oracle (dash-dot),\n"
+        "linear probe (dashed), data ceiling (dense dots, 95 % band)"
+    )
+    k = 1
     if impostor:
-        overlay(axes[1], runs, colours, lambda r: r.val("impostor_cos"))
-        overlay(axes[1], runs, colours, lambda r: r.val("baseline_impostor_cos"), legend=False, linestyle=":")
-        axes[1].set_ylabel("mean impostor cos")
-        axes[1].set_title("impostor cos (solid), identity baseline (dotted): different people, must not rise")
+        overlay(axes[k], runs, colours, lambda r: r.val("impostor_cos"))
+        overlay(axes[k], runs, colours, lambda r: r.val("baseline_impostor_cos"), legend=False, linestyle=":")
+        axes[k].set_ylabel("mean impostor cos")
+        axes[k].set_title("impostor cos (solid), identity baseline (dotted): a rise alone is no harm, see below")
+        k += 1
+    if frr:
+        overlay(axes[k], runs, colours, lambda r: frr_curve(r, "pred"))
+        overlay(axes[k], runs, colours, lambda r: frr_curve(r, "baseline"), legend=False, linestyle=":")
+        data_lines(axes[k], runs, colours, lambda r: None, probe_frr)
+        axes[k].set_ylabel("false-reject rate")
+        axes[k].set_title("false-reject rate at FAR 1e-3 (1 - TAR): model (solid), baseline (dotted), probe (dashed)")
     return finish(fig, axes, path) if drawn else None
 
 
@@ -102,6 +162,7 @@ def plot_per_yaw(runs, colours, th, path: Path) -> Path | None:
     fig, (ax,) = new_figure()
     width = 0.8 / len(per_run)
     x = np.arange(len(buckets))
+    values = []
     for i, (run, colour, yaw) in enumerate(per_run):
         xs = x + (i - (len(per_run) - 1) / 2) * width
         have = [j for j, b in enumerate(buckets) if b in yaw]
@@ -109,12 +170,24 @@ def plot_per_yaw(runs, colours, th, path: Path) -> Path | None:
         for key, marker in (("baseline", "_"), ("oracle", "^")):
             pts = [j for j in have if key in yaw[buckets[j]]]
             ax.scatter(xs[pts], [yaw[buckets[j]][key] for j in pts], marker=marker, color="black", s=60, zorder=3)
-    values = [v for _, _, yaw in per_run for entry in yaw.values() for v in entry.values()]
+        values += [v for entry in yaw.values() for v in entry.values()]
+        probe = (run.probe() or {}).get("per_yaw", {})
+        ceiling = (run.ceiling() or {}).get("per_yaw", {})
+        for marks, get, marker in (
+            (probe, lambda e: e["cos"], "x"),
+            (ceiling, lambda e: e["cos"] if e.get("estimable") else None, "v"),
+        ):
+            pts = [(xs[j], get(marks[b])) for j, b in enumerate(buckets) if b in marks and get(marks[b]) is not None]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, color="black", s=45, zorder=3)
+                values += [v for _, v in pts]
     ax.set_ylim(min(values) - 0.05, max(values) + 0.1)  # hundredths stay visible; room above for the legend
     ax.set_xticks(x, buckets)
     ax.set_xlabel("|yaw| bucket (degrees)")
     ax.set_ylabel("val cos")
-    ax.set_title("per-yaw val cos at the best evaluation (black -: identity baseline, ^: oracle)")
+    ax.set_title(
+        "per-yaw val cos at the best evaluation\n(black -: identity baseline, ^: oracle, x: linear probe, v: data ceiling)"
+    )
     ax.legend(fontsize="small", ncols=3, loc="upper center")
     return finish(fig, [ax], path)
 

@@ -7,6 +7,15 @@ was seen, with epochs and values, and the concrete flags to try) or None. A
 stalled run is sent one rung up the preset ladder base -> plan1-loss ->
 plan2-capacity -> plan3-batch -> xl; the most important question is whether
 the model beats the do-nothing identity baseline at all.
+
+Two figures of the run's shard set tell a limit from a plateau: the data's
+ceiling (how well the frontal references agree with their own identity,
+`inspect.data_ceiling`: no prediction's mean cos to a frontal exceeds it) and
+a linear probe (closed-form ridge on [src_emb, pose], `dist-train probe`,
+cached beside the set). A run near the ceiling is at the data's limit; a run
+below the probe has a model-setup problem; a flat run between them needs
+capacity, regularisation or data. Verification is judged by the false-reject
+rate at FAR 1e-3, not by the impostor cos alone.
 """
 
 from __future__ import annotations
@@ -58,6 +67,18 @@ LOSS_SHARE_MIN = 0.01
 """A weighted loss term carrying less than this share of the gradient is in effect switched off."""
 IMPOSTOR_RISE = 0.02
 """Rise of the mean impostor cos (different identities) from its minimum that means identities are being merged."""
+TAR_DROP = 0.01
+"""Fall of TAR at FAR 1e-3 (from its best, or below the baseline's) that means verification got worse."""
+CEILING_MARGIN = 0.03
+"""A best val cos this close to the data's ceiling is at the data's limit: the targets themselves disagree that much."""
+PROBE_MARGIN = 0.005
+"""A best val cos this far below the linear probe's is worse than ridge regression (above the evaluation noise)."""
+FLAT_SHARE = 0.5
+"""A run flat for this share of its epochs (or PLATEAU_EPOCHS, if fewer) counts as flat between probe and ceiling."""
+FLAT_EVALS = 3
+"""Evaluations at the flat level needed to call a short run flat."""
+VERIFY_FAR = "0.001"
+"""The FAR whose false-reject rate (1 - TAR) is shown beside cos."""
 SKIP_CALIBRATION_STEPS = 100
 """fp16 loss scalers skip a handful of steps while calibrating; the skip rate is judged after these steps."""
 SKIP_RATE_MAX = 0.01
@@ -128,6 +149,12 @@ def yaw_tag(bucket: str, key: str) -> str:
     return tag
 
 
+def tar_tag(key: str, far: str = VERIFY_FAR) -> str:
+    """TensorBoard tag of TAR at a FAR (``key`` pred or baseline)."""
+    (tag,) = scalars({"tar_at_far": {far: {key: 0.0}}})
+    return tag
+
+
 @dataclass
 class Run:
     name: str
@@ -136,6 +163,7 @@ class Run:
     config: config_mod.Config | None
     plan: str | None = None  # the preset the config matches, or is closest to
     plan_diff: dict = field(default_factory=dict)  # key -> (run value, preset value) where they differ
+    data: dict = field(default_factory=dict)  # "ceiling", "probe" of the run's shard set (when known), "notes"
 
     def epochs(self, steps: np.ndarray) -> np.ndarray:
         """Optimizer steps -> epochs, from the train/epoch and val/epoch points the trainer logs."""
@@ -185,7 +213,20 @@ class Run:
             ("fraction_of_oracle_gap", "fraction"),
         ):
             out[name] = self.at(val_tag(key), step)
+        for key, name in (("pred", "frr"), ("baseline", "baseline_frr")):
+            tar = self.at(tar_tag(key), step)
+            out[name] = None if tar is None else 1.0 - tar
         return out
+
+    def ceiling(self) -> dict | None:
+        """The data ceiling of the run's val split, when it could be estimated."""
+        c = self.data.get("ceiling")
+        return c if c and c.get("estimable") else None
+
+    def probe(self) -> dict | None:
+        """The linear probe's val figures (metrics.quality's keys), when known."""
+        p = self.data.get("probe")
+        return p["val"] if p else None
 
     def yaw_at(self, step: int) -> dict[str, dict[str, float]]:
         """Per-|yaw|-bucket cos, baseline and (synthetic data) oracle at an evaluation."""
@@ -252,6 +293,60 @@ def load_run(run_dir: str | Path) -> Run:
     if cfg is not None:
         run.plan, run.plan_diff = match_plan(cfg)
     return run
+
+
+# ---- the shard set's own figures: data ceiling and linear probe -----------------------------------
+
+_DATA_CACHE: dict[tuple, tuple[dict | None, dict | None, list[str]]] = {}
+
+
+def attach_data(run: Run, mode: str = "run") -> None:
+    """Fill ``run.data`` with the data ceiling and linear probe of the run's shard set (val split).
+
+    ``mode``: "run" computes what is not cached (the probe is cached beside the set, or under
+    the run directory when the set is read-only), "cached" only reads the probe's cache, "off"
+    skips both. Runs on the same set share one computation.
+    """
+    if mode == "off":
+        return
+    if run.config is None or not run.config.data.data_dir:
+        run.data = {"notes": ["no data ceiling or linear probe: the run's shard set is unknown (no data_dir)"]}
+        return
+    d = run.config.data
+    root = Path(d.data_dir)
+    if not (root / "index.json").is_file():
+        run.data = {"notes": [f"no data ceiling or linear probe: {root} holds no shard set here"]}
+        return
+    from dist_train.probe import probe_for, read_cached, set_key
+
+    key = (str(root.resolve()), set_key(root), d.train_split, d.val_split, mode)
+    if key not in _DATA_CACHE:
+        from dist_train.data.inspect import data_ceiling
+
+        notes = []
+        if mode == "run" and read_cached(root, run.path, train_split=d.train_split, split=d.val_split) is None:
+            print(
+                f"dist-train report: fitting the linear probe of {root} (one pass over {d.train_split}, cached for "
+                "next time; --data cached skips it)",
+                file=sys.stderr,
+            )
+        try:
+            ceiling = data_ceiling(root, d.val_split)
+        except (ValueError, OSError) as e:
+            ceiling, notes = None, [f"no data ceiling: {e}"]
+        if ceiling is not None and not ceiling["estimable"]:
+            notes.append(f"data ceiling of {root} ({d.val_split}): {ceiling['reason']}")
+        probe, note = probe_for(
+            root, run=mode == "run", fallback=run.path, train_split=d.train_split, split=d.val_split
+        )
+        _DATA_CACHE[key] = (ceiling, probe, [*notes, note])
+    ceiling, probe, notes = _DATA_CACHE[key]
+    run.data = {"ceiling": ceiling, "probe": probe, "notes": notes}
+
+
+def ceiling_note(c: dict) -> str:
+    ci = f" [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}]" if c.get("ci95") else ""
+    return f"data ceiling {c['cos']:.4f}{ci} ({c['n_identities']} identities with >= 2 distinct frontal embeddings)"
 
 
 # ---- the preset ladder --------------------------------------------------------------------------
@@ -354,6 +449,12 @@ def diagnose_no_gain(run: Run, th: Thresholds) -> Finding | None:
     lr = run.train("lr")
     if lr is not None:
         evidence += f"; lr peaked at {num(float(lr[1].max()))}"
+    p = run.probe()
+    if p is not None and p["gain"] >= th.min_gain:
+        evidence += (
+            f"; a linear probe reaches {p['mean_cos']:.4f} on the same split (gain {p['gain']:+.4f}): "
+            "there is something to learn"
+        )
     if drop is not None and drop >= TRAIN_LEARNS_DROP:
         rec = (
             "the model fits the train split but nothing carries over to val: check that val pairs look like "
@@ -371,9 +472,15 @@ def diagnose_no_gain(run: Run, th: Thresholds) -> Finding | None:
 
 
 def diagnose_plateau(run: Run, th: Thresholds) -> Finding | None:
-    """val cos not improved by more than delta over W epochs; the start is the first evaluation within delta of the best."""
+    """val cos not improved by more than delta over W epochs; the start is the first evaluation within delta of the best.
+
+    Where the shard set's ceiling and probe place the run (at the data's limit, below the probe,
+    flat between them), that finding says what to do instead.
+    """
     b, c = run.best(), run.val("mean_cos")
     if b is None or (b["gain"] is not None and b["gain"] < th.min_gain):  # a flat curve at the baseline is no_gain's
+        return None
+    if any(d(run, th) is not None for d in (diagnose_data_limit, diagnose_below_probe, diagnose_probe_to_ceiling)):
         return None
     epochs, cos = c
     i = int(np.argmax(cos >= cos.max() - th.plateau_delta))
@@ -419,6 +526,8 @@ def diagnose_oracle_gap(run: Run, th: Thresholds) -> Finding | None:
         return None
     if b["gain"] is not None and b["gain"] < th.min_gain:
         return None
+    if diagnose_below_probe(run, th) is not None:  # worse than ridge: the setup, not the ladder, comes first
+        return None
     evidence = (
         f"best val cos {b['cos']:.4f} (epoch {ep(b['epoch'])}) closes {b['fraction']:.0%} of the gap from the "
         f"identity baseline {b['baseline']:.4f} to the oracle {b['oracle']:.4f}; {b['oracle'] - b['cos']:.4f} left"
@@ -437,6 +546,134 @@ def diagnose_oracle_gap(run: Run, th: Thresholds) -> Finding | None:
     else:
         rec = "val cos is still rising: train longer (a larger --epochs, or resume) before changing the plan"
     return Finding("oracle_gap", "warning", evidence, rec)
+
+
+def flat_since(run: Run, th: Thresholds) -> tuple[float, float, int] | None:
+    """(start epoch, epochs, evaluations) of the run's last stretch within delta of its best val cos, when it is
+    long enough to call flat: PLATEAU_EPOCHS, or FLAT_SHARE of a shorter run with FLAT_EVALS evaluations."""
+    c = run.val("mean_cos")
+    if c is None:
+        return None
+    epochs, cos = c
+    i = int(np.argmax(cos >= cos.max() - th.plateau_delta))
+    stalled, evals = float(epochs[-1] - epochs[i]), len(cos) - i
+    if stalled >= th.plateau_epochs or (stalled >= FLAT_SHARE * float(epochs[-1]) and evals >= FLAT_EVALS):
+        return float(epochs[i]), stalled, evals
+    return None
+
+
+def set_name(run: Run) -> str:
+    return f"{data_dir(run)} ({run.config.data.val_split if run.config else 'val'})"
+
+
+def diagnose_data_limit(run: Run, th: Thresholds) -> Finding | None:
+    """A best val cos within CEILING_MARGIN of the data's ceiling: the frontal references, not the model, set the limit."""
+    b, c = run.best(), run.ceiling()
+    if b is None or c is None or b["cos"] < c["cos"] - CEILING_MARGIN:
+        return None
+    evidence = (
+        f"best val cos {b['cos']:.4f} (epoch {ep(b['epoch'])}) is within {num(CEILING_MARGIN)} of the "
+        f"{ceiling_note(c)} of {set_name(run)}: same-identity frontal embeddings agree only to cos "
+        f"{c['pair_cos']:.4f}, so no model's mean cos to a frontal can exceed about {c['cos']:.4f}"
+    )
+    flat = flat_since(run, th)
+    if flat is not None:
+        evidence += f"; val cos has been flat since epoch {ep(flat[0])}"
+    rec = (
+        "this is the data's limit: more capacity or epochs will not help. What will: better or more frontal "
+        "references per identity (sharper, more frontal, better-lit images), more identities, or "
+    )
+    if run.config is not None and run.config.data.target == "centroid":
+        rec += "a cleaner centroid (the run already trains against --target centroid)"
+    else:
+        rec += "training against the identity's frontal centroid (--target centroid"
+        if run.config is not None and not shard_set_has(run, "tgt_centroid"):
+            rec += "; this shard set has no tgt_centroid: `dist-train extract` writes it"
+        rec += ")"
+    return Finding("data_limit", "info", evidence, rec)
+
+
+def shard_set_has(run: Run, name: str) -> bool:
+    try:
+        fields = json.loads((Path(data_dir(run)) / "index.json").read_text()).get("fields", [])
+    except (OSError, ValueError):
+        return False
+    return name in fields
+
+
+def setup_flags(run: Run) -> list[str]:
+    """Model-setup changes to try, from wherever the run is: tokens, learning rate, warm-up, residual head."""
+    if run.config is None:
+        return ["--emb_tokens chunked", "--lr 3e-4", "--warmup_epochs 1", "--residual_mlp true"]
+    m, o, t = run.config.model, run.config.optim, run.config.train
+    flags = []
+    if m.emb_tokens == "whole":
+        flags.append("--emb_tokens chunked --emb_chunks 16 (the embedding as 16 tokens, not one)")
+    if o.lr < 1e-3:
+        flags.append(f"--lr {num(min(3 * o.lr, 1e-3))} (the lr was {num(o.lr)})")
+    if o.warmup_epochs > max(1.0, 0.05 * t.epochs):
+        flags.append(f"--warmup_epochs {num(max(1.0, round(0.05 * t.epochs)))} (warm-up was {num(o.warmup_epochs)})")
+    if not m.residual_mlp:
+        flags.append("--residual_mlp true (a head that starts from the identity map, as the probe does)")
+    if m.gate == "none":
+        flags.append("--gate learned")
+    return flags or [f"--lr {num(o.lr / 3)} (the setup flags are already the recommended ones: try a lower lr)"]
+
+
+def diagnose_below_probe(run: Run, th: Thresholds) -> Finding | None:
+    """The Transformer does worse than closed-form ridge on the same split: the model setup is the bottleneck."""
+    b, p = run.best(), run.probe()
+    if b is None or p is None or b["cos"] >= p["mean_cos"] - PROBE_MARGIN:
+        return None
+    evidence = (
+        f"best val cos {b['cos']:.4f} (epoch {ep(b['epoch'])}) is below a linear probe's {p['mean_cos']:.4f} on "
+        f"{set_name(run)} (ridge on [src_emb, pose], fitted in closed form): a linear map does better than the model"
+    )
+    worse = [
+        k
+        for k, v in run.yaw_at(b["step"]).items()
+        if k in p["per_yaw"] and v["cos"] < p["per_yaw"][k]["cos"] - PROBE_MARGIN
+    ]
+    if worse:
+        evidence += f"; below the probe in |yaw| buckets {', '.join(worse)}"
+    c = run.ceiling()
+    if c is not None:
+        evidence += f"; {ceiling_note(c)}"
+    rec = "the model setup is the bottleneck, not capacity or data: try " + "; ".join(setup_flags(run))
+    progress = recent_progress(run, th.plateau_epochs)
+    if progress is not None and progress > th.plateau_delta:
+        rec = "val cos is still rising, but slowly for a model that starts below ridge; " + rec
+    return Finding("below_probe", "warning", evidence, rec)
+
+
+def diagnose_probe_to_ceiling(run: Run, th: Thresholds) -> Finding | None:
+    """Flat between the linear probe and the data ceiling: capacity, regularisation or data quantity."""
+    b, p, c = run.best(), run.probe(), run.ceiling()
+    if b is None or p is None or c is None or (b["gain"] is not None and b["gain"] < th.min_gain):
+        return None
+    if b["oracle"] is not None:  # synthetic data: the oracle is the sharper ceiling (oracle_gap, plateau)
+        return None
+    if b["cos"] < p["mean_cos"] - PROBE_MARGIN or b["cos"] >= c["cos"] - CEILING_MARGIN:
+        return None
+    flat = flat_since(run, th)
+    if flat is None:
+        return None
+    start, stalled, evals = flat
+    evidence = (
+        f"val cos has stayed within {num(th.plateau_delta)} of its best {b['cos']:.4f} since epoch {ep(start)} "
+        f"({ep(stalled)} epochs, {evals} evaluations), between the linear probe {p['mean_cos']:.4f} and the "
+        f"{ceiling_note(c)}: the model beats a linear map but leaves {c['cos'] - b['cos']:.4f} of what the "
+        "frontal references allow"
+    )
+    rec = f"capacity, regularisation or data quantity: next rung: {next_rung(run)}"
+    r = ratio_tail(run)
+    if r is not None and r[2] > th.overfit_ratio:
+        rec += (
+            f"; the val/train loss ratio {r[2]:.2f} says regularise first ({regularise_flags(run)}) or add identities"
+        )
+    else:
+        rec += "; with more data (identities) the same model may also climb"
+    return Finding("probe_to_ceiling", "warning", evidence, rec)
 
 
 def ratio_tail(run: Run) -> tuple[np.ndarray, np.ndarray, float] | None:
@@ -582,8 +819,46 @@ def diagnose_loss_balance(run: Run, th: Thresholds) -> Finding | None:
     return Finding("loss_balance", "info", evidence, rec)
 
 
+def diagnose_verification(run: Run, th: Thresholds) -> Finding | None:
+    """Judged by TAR at FAR 1e-3: a fall from its best, or below the do-nothing baseline, is identities being merged.
+
+    A regression toward the population mean raises the mean impostor cos without hurting
+    verification, so a rising impostor cos alone is not a finding when TAR is logged.
+    """
+    tar = run.curve(tar_tag("pred"))
+    if tar is None:
+        return diagnose_impostor_rising(run, th)
+    if len(tar[1]) < 2:
+        return None
+    epochs, t = tar
+    j = int(np.argmax(t))
+    last_step = run.scalars[tar_tag("pred")][0][-1]
+    base = run.at(tar_tag("baseline"), last_step)
+    dropped = t[j] - t[-1] >= TAR_DROP
+    below = base is not None and t[-1] < base - TAR_DROP
+    if not (dropped or below):
+        return None
+    evidence = (
+        f"TAR at FAR 1e-3 {t[-1]:.4f} at epoch {ep(epochs[-1])} (false-reject rate {1 - t[-1]:.4f}), "
+        f"best {t[j]:.4f} at epoch {ep(epochs[j])}"
+    )
+    if base is not None:
+        evidence += f", identity baseline {base:.4f} (false-reject rate {1 - base:.4f})"
+    imp = run.val("impostor_cos")
+    if imp is not None:
+        evidence += f"; mean impostor cos {imp[1][int(np.argmin(imp[1]))]:.4f} -> {imp[1][-1]:.4f}"
+    p = run.probe()
+    if p is not None and p.get("tar_at_far", {}).get(VERIFY_FAR):
+        evidence += f"; linear probe {p['tar_at_far'][VERIFY_FAR]['pred']:.4f}"
+    cw = run.config.loss.contrastive_weight if run.config else 0.0
+    rec = f"--contrastive_weight {num(2 * cw) if cw else '0.1'} (identity-masked InfoNCE keeps identities apart)"
+    if dropped:
+        rec += f"; the best verification was at epoch {ep(epochs[j])}: --monitor tar@0.001 keeps that model"
+    return Finding("verification_drop", "warning", evidence + ": different people are being pulled together", rec)
+
+
 def diagnose_impostor_rising(run: Run, th: Thresholds) -> Finding | None:
-    """Regression towards targets can pull different identities together (DREAM #16): impostor cos must not rise."""
+    """Without TAR@FAR logged: judged by the mean impostor cos alone (regression can pull identities together)."""
     c = run.val("impostor_cos")
     if c is None or len(c[1]) < 2:
         return None
@@ -599,7 +874,8 @@ def diagnose_impostor_rising(run: Run, th: Thresholds) -> Finding | None:
         evidence += f", identity baseline {base:.4f}"
     cw = run.config.loss.contrastive_weight if run.config else 0.0
     rec = f"--contrastive_weight {num(2 * cw) if cw else '0.1'} (identity-masked InfoNCE keeps identities apart)"
-    return Finding("impostor_rising", "warning", evidence + ": different people are being pulled together", rec)
+    evidence += ": different people may be pulled together (no TAR@FAR logged: judged by impostor cos alone)"
+    return Finding("impostor_rising", "warning", evidence, rec)
 
 
 def diagnose_skipped_steps(run: Run, th: Thresholds) -> Finding | None:
@@ -665,13 +941,16 @@ DIAGNOSES = (
     diagnose_no_gain,
     diagnose_plateau,
     diagnose_oracle_gap,
+    diagnose_data_limit,
+    diagnose_below_probe,
+    diagnose_probe_to_ceiling,
     diagnose_overfitting,
     diagnose_low_ratio,
     diagnose_warmup,
     diagnose_lr_decays_early,
     diagnose_lr_floor,
     diagnose_loss_balance,
-    diagnose_impostor_rising,
+    diagnose_verification,
     diagnose_skipped_steps,
     diagnose_nonfinite,
     diagnose_bad_samples,
@@ -682,6 +961,24 @@ def diagnose(run: Run, th: Thresholds) -> list[Finding]:
     """All findings, most severe first."""
     found = [f for d in DIAGNOSES if (f := d(run, th)) is not None]
     return sorted(found, key=lambda f: SEVERITIES.index(f.severity))
+
+
+def data_summary(run: Run, b: dict) -> dict:
+    """The ceiling, the probe and the false-reject rates at FAR 1e-3 (model at its best, baseline, probe)."""
+    c, p = run.ceiling(), run.probe()
+    frr = {"model": b.get("frr"), "baseline": b.get("baseline_frr"), "probe": None}
+    if p is not None and p.get("tar_at_far", {}).get(VERIFY_FAR):
+        frr["probe"] = 1.0 - p["tar_at_far"][VERIFY_FAR]["pred"]
+        if frr["baseline"] is None:
+            frr["baseline"] = 1.0 - p["tar_at_far"][VERIFY_FAR]["baseline"]
+    return {
+        "data_ceiling": None if c is None else c["cos"],
+        "data_ceiling_ci95": None if c is None else c.get("ci95"),
+        "data_ceiling_identities": None if c is None else c["n_identities"],
+        "linear_probe_cos": None if p is None else p["mean_cos"],
+        "frr_at_far_1e-3": frr,
+        "data_notes": run.data.get("notes", []),
+    }
 
 
 def last_value(run: Run, tag: str) -> float | None:
@@ -711,6 +1008,7 @@ def summarize(run: Run) -> dict:
         "lr_last": None if lr is None else float(lr[1][-1]),
         "impostor_cos": last_value(run, val_tag("impostor_cos")),
         "baseline_impostor_cos": last_value(run, val_tag("baseline_impostor_cos")),
+        **data_summary(run, b),
         "skipped_steps": last_value(run, TRAIN_TAGS["skipped_steps"]),
         "nonfinite_steps": last_value(run, TRAIN_TAGS["nonfinite_steps"]),
         "bad_samples": last_value(run, TRAIN_TAGS["bad_samples"]),
@@ -733,28 +1031,42 @@ def summary_line(name: str, s: dict) -> str:
     )
     if s["oracle_cos"] is not None:
         line += f", oracle {s['oracle_cos']:.4f} ({fmt(s['fraction_of_oracle_gap'], '.0%')} of the gap closed)"
+    if s.get("linear_probe_cos") is not None:
+        line += f", linear probe {s['linear_probe_cos']:.4f}"
+    if s.get("data_ceiling") is not None:
+        ci = s["data_ceiling_ci95"]
+        line += f", data ceiling {s['data_ceiling']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+    frr = s.get("frr_at_far_1e-3") or {}
+    if any(v is not None for v in frr.values()):
+        line += "; false-reject rate at FAR 1e-3: " + ", ".join(f"{k} {fmt(v)}" for k, v in frr.items())
     return line
 
 
 def render_markdown(results: list[dict], plots: list[Path], th: Thresholds) -> str:
     lines = ["# Training report", ""]
     lines += [
-        "| run | plan | epochs | best val cos (epoch) | identity baseline | gain | oracle | gap closed | val/train | findings |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | plan | epochs | best val cos (epoch) | identity baseline | gain | oracle | gap closed | linear probe "
+        "| data ceiling | FRR@1e-3 model / probe / baseline | val/train | findings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["summary"]
         best = "n/a" if s["best_val_cos"] is None else f"{s['best_val_cos']:.4f} ({ep(s['best_epoch'])})"
         codes = ", ".join(f["code"] for f in r["findings"]) or "none"
+        ceiling = fmt(s["data_ceiling"])
+        if s["data_ceiling_ci95"]:
+            ceiling += f" [{s['data_ceiling_ci95'][0]:.3f}, {s['data_ceiling_ci95'][1]:.3f}]"
+        frr = " / ".join(fmt(s["frr_at_far_1e-3"][k]) for k in ("model", "probe", "baseline"))
         lines.append(
             f"| {r['run']} | {s['plan']} | {ep(s['epochs'])} | {best} | {fmt(s['identity_baseline_cos'])} | "
             f"{fmt(s['gain'], '+.4f')} | {fmt(s['oracle_cos'])} | {fmt(s['fraction_of_oracle_gap'], '.0%')} | "
-            f"{fmt(s['val_train_loss_ratio'], '.2f')} | {codes} |"
+            f"{fmt(s['linear_probe_cos'])} | {ceiling} | {frr} | {fmt(s['val_train_loss_ratio'], '.2f')} | {codes} |"
         )
     lines += ["", "## Curves", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     for r in results:
         lines += ["", f"## {r['run']}", "", f"`{r['path']}` — plan: {r['summary']['plan']}", ""]
+        lines += [f"- {note}" for note in r["summary"]["data_notes"]] + ([""] if r["summary"]["data_notes"] else [])
         if not r["findings"]:
             lines.append("No findings: nothing in the curves calls for a change.")
         for i, f in enumerate(r["findings"], 1):
@@ -793,6 +1105,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--overfit_ratio", type=float, default=OVERFIT_RATIO, help="val/train loss ratio that is overfitting"
     )
     p.add_argument("--low_ratio", type=float, default=LOW_RATIO, help="val/train ratio below which to regularise less")
+    p.add_argument(
+        "--data",
+        choices=("run", "cached", "off"),
+        default="run",
+        help="the shard set's data ceiling and linear probe: compute what is not cached (run, default), only read "
+        "the probe's cache (cached; the ceiling is always computed), or neither (off)",
+    )
     return p.parse_args(argv)
 
 
@@ -805,6 +1124,8 @@ def main(argv: list[str]) -> int:
         print(f"dist-train report: error: {e}", file=sys.stderr)
         return 2
     unique_names(runs)
+    for r in runs:
+        attach_data(r, args.data)
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "report" if len(runs) == 1 else Path("report"))
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(runs, out, th)

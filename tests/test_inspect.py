@@ -320,6 +320,8 @@ def test_inspect_memory_stays_flat_as_the_split_grows(memory_sets, monkeypatch):
     # The pair sample's metric (metrics.impostor_and_tar) builds an n x n score matrix, ~400 MB at
     # MAX_PAIR_SAMPLES rows: a constant of the metric, not of the split, shrunk here so the streaming shows.
     monkeypatch.setattr(inspect_module, "MAX_PAIR_SAMPLES", 256)
+    # Likewise the data ceiling keeps up to CEILING_IDENTITIES identities (~14 KB each): a cap, not growth.
+    monkeypatch.setattr(inspect_module, "CEILING_IDENTITIES", 64)
     peaks = {}
     for n, (path, _) in memory_sets.items():
         tracemalloc.start()
@@ -349,3 +351,113 @@ def test_inspect_benchmark_runs_and_reports_both_sizes():
     assert "| inspect | rows | seconds | cpu s | rows/s | peak RSS MB |" in done.stdout
     for n in ("1,024", "3,072"):
         assert re.search(rf"\| new +\| +{n} \| +[\d.]+ \| +[\d.]+ \|", done.stdout), done.stdout
+
+
+# --- the data ceiling: how well frontal targets agree with their identity --------------------------------
+
+
+def synth_set(out: Path, **params) -> Path:
+    """A two-split synthetic set (val 30% of identities) in small blocks, so the ceiling streams over many."""
+    from dist_train.data.synth import make_shard_set
+
+    make_shard_set(out, SynthParams(**params), val_fraction=0.3, shard_samples=512, block_size=128)
+    return out
+
+
+@pytest.mark.parametrize(
+    "noise, frontal_per_identity",
+    [(0.3, None), (0.75, None), (1.2, None), (0.75, 3)],  # the last: rows of an identity share 3 frontal images
+)
+def test_data_ceiling_recovers_a_planted_target_noise(tmp_path, noise, frontal_per_identity):
+    """Targets = normalize(z + noise of norm sigma): every prediction's mean cos is at most c = 1 / sqrt(1 + sigma^2)."""
+    out = synth_set(
+        tmp_path / "s", n_identities=200, samples_per_identity=8, seed=3, tgt_noise=noise,
+        frontal_per_identity=frontal_per_identity,
+    )  # fmt: skip
+    truth = 1.0 / np.sqrt(1.0 + noise**2)
+    r, _ = inspect(out)
+    for c in (r["ceiling"], r["splits"]["val"]["ceiling"], r["splits"]["train"]["ceiling"]):
+        assert c["estimable"] and abs(c["cos"] - truth) < 0.02, (c["cos"], truth)
+        assert c["ci95"][0] <= c["cos"] <= c["ci95"][1] and c["ci95"][1] - c["ci95"][0] < 0.04
+        assert c["pair_cos"] == pytest.approx(c["cos"] ** 2)
+        for b in YAW_BUCKETS:
+            assert abs(c["per_yaw"][b]["cos"] - truth) < 0.03, (b, c["per_yaw"][b])
+    assert r["ceiling"]["n_identities"] == 200 and r["splits"]["val"]["ceiling"]["n_identities"] == 60
+    # eval and report stream only three fields of one split: the same figures
+    alone = inspect_module.data_ceiling(out, "val")
+    assert {k: v for k, v in alone.items() if k not in ("split", "bad_blocks")} == r["splits"]["val"]["ceiling"]
+
+
+def test_repeated_frontal_images_count_once():
+    """An identity whose rows repeat two frontal images has one pair, not (rows choose 2) pairs of which most are cos 1."""
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((2, 512)).astype(np.float32)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    rows = t[[0, 1, 0, 0, 0, 0]]
+    acc = inspect_module.TargetCeiling()
+    acc.add(np.zeros(3, np.int64), np.full(3, 4), rows[:3])  # repeats across blocks too
+    acc.add(np.zeros(3, np.int64), np.full(3, 5), rows[3:])
+    c = acc.report()
+    assert c["pair_cos"] == pytest.approx(float(t[0] @ t[1]), abs=1e-6) and c["n_identities"] == 1
+    assert c["ci95"] is None  # one identity: no interval
+    assert c["per_yaw"]["60-75"]["pair_cos"] == pytest.approx(float(t[0] @ t[1]), abs=1e-6)
+    assert not c["per_yaw"]["75-90"]["estimable"]  # the 75-90 rows paired only frontal image 0
+
+
+def test_ceiling_keeps_a_bounded_seeded_sample_of_identities(tmp_path):
+    """With a cap, the identities with the smallest id hashes are kept, whatever the row order, all their rows used."""
+    out = synth_set(tmp_path / "s", n_identities=200, samples_per_identity=6, seed=4, tgt_noise=0.75)
+    a = read_split(ShardSet.open(out), "train")
+    got = inspect_module.data_ceiling(out, "train", max_identities=32)
+    ids = np.unique(a["identity"])
+    kept = ids[np.argsort(inspect_module.identity_hashes(ids))[:32]]
+    pair, weight = [], []
+    for i in kept:
+        t = a["tgt_emb"][a["identity"] == i].astype(np.float64)
+        t /= np.linalg.norm(t, axis=1, keepdims=True)
+        g = t @ t.T
+        n = len(t)
+        pair.append((g.sum() - n) / (n * (n - 1)))
+        weight.append(n)
+    mean = np.average(pair, weights=weight)
+    assert got["n_identities"] == 32 and got["sampled"] == 32 and got["of_identities"] == len(ids)
+    assert got["pair_cos"] == pytest.approx(mean, abs=1e-6)
+    assert abs(got["cos"] - 0.8) < 0.03
+    shuffled = {k: v[::-1] for k, v in a.items()}  # another row order, the same sample
+    write_val_only(tmp_path / "rev", shuffled)
+    again = inspect_module.data_ceiling(tmp_path / "rev", "val", max_identities=32)
+    assert again["pair_cos"] == pytest.approx(got["pair_cos"], abs=1e-9)
+
+
+def test_one_frontal_per_identity_says_the_ceiling_cannot_be_estimated(tmp_path, capsys):
+    from dist_train.data.synth import main as synth_main
+
+    out = tmp_path / "s"
+    argv = ["--out", str(out), "--n-identities", "60", "--samples-per-identity", "5", "--seed", "2"]
+    assert synth_main([*argv, "--tgt-noise", "0.5", "--frontal-per-identity", "1", "--val-fraction", "0.3"]) == 0
+    params = json.loads((out / "index.json").read_text())["provenance"]["params"]
+    assert (params["tgt_noise"], params["frontal_per_identity"]) == (0.5, 1)
+    assert main([str(out), "--json", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert "data ceiling: cannot be estimated: no identity has two or more distinct frontal" in text
+    assert "(all of the 18 identities examined have exactly one)" in text
+    r = json.loads((tmp_path / "r.json").read_text())
+    c = r["splits"]["val"]["ceiling"]
+    assert not c["estimable"] and c["n_identities"] == 0 and c["single_target_identities"] == 18
+    assert "cos" not in c and not r["ceiling"]["estimable"]
+
+
+def test_ceiling_skips_rows_with_a_bad_target_only(val_arrays, tmp_path):
+    a = {k: v.copy() for k, v in val_arrays.items()}
+    a["tgt_emb"][0] = np.nan
+    a["tgt_emb"][1] = 0.0
+    a["src_emb"][2] = np.nan  # the target of this row is still a frontal image of its identity
+    write_val_only(tmp_path / "bad", a)
+    c = inspect_module.data_ceiling(tmp_path / "bad", "val")
+    r, _ = inspect(tmp_path / "bad")
+    assert {k: v for k, v in c.items() if k not in ("split", "bad_blocks")} == r["splits"]["val"]["ceiling"]
+    ok = np.ones(len(a["identity"]), bool)
+    ok[[0, 1]] = False
+    acc = inspect_module.TargetCeiling()
+    acc.add(a["identity"][ok], yaw_bucket_index(a["src_pose"][ok, 1]), a["tgt_emb"][ok])
+    assert c["pair_cos"] == pytest.approx(acc.report()["pair_cos"], abs=1e-7)  # float32 sums, another order

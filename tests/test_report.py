@@ -40,7 +40,7 @@ def cosine_lr(cfg: config.Config, epoch: float, horizon: float | None = None, wa
 
 def write_run(root, name, cfg, epochs, cos, *, baseline, ratio, oracle=None, impostor=lambda e: 0.10, lr=None,
               train_loss=lambda e: 0.1 + 0.2 * math.exp(-e / 15), skip_rate=0.0, nonfinite_at=(), bad_rate=0.0,
-              fp16=False):  # fmt: skip
+              fp16=False, tar=None, baseline_tar=0.90):  # fmt: skip
     """A run dir as the trainer leaves it: config.yaml and tb/ with the real tag names."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -83,6 +83,8 @@ def write_run(root, name, cfg, epochs, cos, *, baseline, ratio, oracle=None, imp
             }
             if oracle is not None:
                 m |= {"oracle_cos": oracle, "fraction_of_oracle_gap": (c - b) / (oracle - b)}
+            if tar is not None:  # TAR at FAR 1e-3 (model, baseline), as metrics.quality gives it
+                m["tar_at_far"] = {"0.001": {"pred": tar(ep), "baseline": baseline_tar}}
             for tag, v in scalars(m).items():
                 w.add_scalar(tag, v, step)
             w.add_scalar(VAL_EPOCH_TAG, e, step)
@@ -284,3 +286,176 @@ def test_ladder_keeps_capacity_and_ends_at_xl():
     assert nxt.startswith("--config plan3-batch --d_model 768 --num_layers 6 --dim_feedforward 3072 --dropout 0.2")
     assert "batch_size 32->64" in nxt
     assert "ladder ends" in next_rung(rung(preset("xl")))
+
+
+# ---- the shard set's own figures: data ceiling and linear probe --------------------------------------------
+
+CEILING = 0.80  # synth with tgt_noise 0.75: frontal samples agree with their identity to cos 1 / sqrt(1 + 0.75^2)
+PROBE = 0.70  # planted linear probe on the same val split
+CLEAN = {"mse_weight": 0.0, "cosine_weight": 1.0}  # no loss_balance finding in the planted data runs
+EXPECTED_DATA = {
+    "at_limit": {"data_limit"},
+    "below_probe": {"below_probe"},
+    "between": {"probe_to_ceiling"},
+    "short_debug": {"probe_to_ceiling", "loss_balance"},  # the issue's debug-cpu run: flat from epoch 1 of 8
+    "regression": set(),  # impostor cos rises, TAR at FAR 1e-3 does not fall: no harm
+    "verification": {"verification_drop"},
+}
+
+
+def planted_probe(root, mean_cos: float) -> dict:
+    """A probe.json as `dist-train probe` caches it, with chosen figures (keyed to this set's index.json)."""
+    from dist_train import probe
+
+    val = {
+        "split": "val",
+        "n": 360,
+        "mean_cos": mean_cos,
+        "identity_baseline_cos": 0.60,
+        "gain": mean_cos - 0.60,
+        "per_yaw": {
+            b: {"n": 60, "cos": mean_cos + 0.03 - 0.01 * i, "baseline": 0.65 - 0.02 * i}
+            for i, b in enumerate(YAW_BUCKETS)
+        },
+        "impostor_cos": 0.05,
+        "baseline_impostor_cos": 0.0,
+        "tar_at_far": {"0.001": {"pred": 0.92, "baseline": 0.90}, "0.01": {"pred": 0.97, "baseline": 0.96}},
+    }
+    return {
+        "probe_version": probe.PROBE_VERSION,
+        "index_sha256": probe.set_key(root),
+        "train": {"split": "train"},
+        "val": val,
+    }
+
+
+@pytest.fixture(scope="module")
+def data_set(tmp_path_factory):
+    from dist_train.data.synth import SynthParams, make_shard_set
+
+    root = tmp_path_factory.mktemp("data") / "set"
+    make_shard_set(
+        root, SynthParams(n_identities=200, samples_per_identity=6, seed=9, tgt_noise=0.75), val_fraction=0.3,
+        shard_samples=512, block_size=128,
+    )  # fmt: skip
+    (root / "probe.json").write_text(json.dumps(planted_probe(root, PROBE)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_runs(data_set, tmp_path_factory):
+    root, d = tmp_path_factory.mktemp("data_runs"), str(data_set)
+    plan = preset("plan1-loss", data_dir=d, **CLEAN)
+    return {
+        # flat at 0.79 from epoch 10: within 0.03 of the ceiling 0.80, above the probe 0.70
+        "at_limit": write_run(root, "at_limit", plan, 40, lambda e: 0.60 + 0.19 * min(e / 10, 1), baseline=0.60,
+                              ratio=lambda e: 1.3),
+        # flat at 0.65: the Transformer does worse than ridge
+        "below_probe": write_run(root, "below_probe", plan, 40, lambda e: 0.60 + 0.05 * min(e / 10, 1),
+                                 baseline=0.60, ratio=lambda e: 1.3),
+        # flat at 0.74 for 30 epochs: above the probe, 0.06 under the ceiling
+        "between": write_run(root, "between", plan, 40, lambda e: 0.60 + 0.14 * min(e / 10, 1), baseline=0.60,
+                             ratio=lambda e: 1.3),
+        # debug-cpu, 8 epochs, 0.75 from epoch 1 on: too short for the 20-epoch plateau rule
+        "short_debug": write_run(root, "short_debug", preset("debug-cpu", data_dir=d), 8,
+                                 lambda e: 0.60 + 0.15 * min(e, 1), baseline=0.60, ratio=lambda e: 1.3),
+        # a regression toward the population mean: impostor cos rises by 0.06, verification holds
+        "regression": write_run(root, "regression", plan, 60, lambda e: 0.62 + 0.14 * (1 - math.exp(-e / 40)),
+                                baseline=0.60, ratio=lambda e: 1.3, impostor=lambda e: 0.10 + 0.001 * e,
+                                tar=lambda e: 0.95),
+        # the same curves, but TAR at FAR 1e-3 falls from 0.95 to 0.90, under the baseline's 0.93
+        "verification": write_run(root, "verification", plan, 60, lambda e: 0.62 + 0.14 * (1 - math.exp(-e / 40)),
+                                  baseline=0.60, ratio=lambda e: 1.3, impostor=lambda e: 0.10 + 0.001 * e,
+                                  tar=lambda e: 0.95 - 0.05 * e / 60, baseline_tar=0.93),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_report(data_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data_report")
+    code, stdout = run_cli(["report", *map(str, data_runs.values()), "--out", str(out), "--json", "--data", "cached"])
+    assert code == 0
+    payload = json.loads(stdout)
+    return out, {r["run"]: r for r in payload["runs"]}, payload
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_DATA))
+def test_data_diagnoses_fire_where_planted_and_nowhere_else(data_report, name):
+    findings = data_report[1][name]["findings"]
+    assert {f["code"] for f in findings} == EXPECTED_DATA[name]
+    s = data_report[1][name]["summary"]
+    assert abs(s["data_ceiling"] - CEILING) < 0.02 and s["data_ceiling_identities"] == 60
+    assert s["data_ceiling_ci95"][0] < s["data_ceiling"] < s["data_ceiling_ci95"][1]
+    assert s["linear_probe_cos"] == PROBE
+    assert s["frr_at_far_1e-3"]["probe"] == pytest.approx(0.08)
+
+
+def test_at_the_data_limit_capacity_will_not_help(data_report):
+    (f,) = data_report[1]["at_limit"]["findings"]
+    assert f["severity"] == "info"
+    assert re.search(r"best val cos 0\.79\d+ .* within 0\.03 of the data ceiling 0\.[78]\d+ \[", f["evidence"])
+    assert "60 identities with >= 2 distinct frontal embeddings" in f["evidence"]
+    assert "more capacity or epochs will not help" in f["recommendation"]
+    assert "--target centroid" in f["recommendation"] and "more identities" in f["recommendation"]
+
+
+def test_below_the_probe_names_the_setup_flags(data_report):
+    (f,) = data_report[1]["below_probe"]["findings"]
+    assert "below a linear probe's 0.7000" in f["evidence"]
+    rec = f["recommendation"]
+    assert rec.startswith("the model setup is the bottleneck")
+    # plan1-loss: one embedding token, lr 1e-4, 5 warm-up epochs, residual head already on
+    assert "--emb_tokens chunked" in rec and "--lr 3e-4" in rec and "--warmup_epochs" in rec
+    assert "--residual_mlp" not in rec
+
+
+def test_flat_between_probe_and_ceiling_climbs_the_ladder(data_report):
+    (f,) = data_report[1]["between"]["findings"]
+    assert "between the linear probe 0.7000 and the data ceiling" in f["evidence"]
+    assert "next rung: --config plan2-capacity" in f["recommendation"]
+    short = {x["code"]: x for x in data_report[1]["short_debug"]["findings"]}["probe_to_ceiling"]
+    assert "since epoch 1 (7 epochs, 8 evaluations)" in short["evidence"]
+
+
+def test_verification_is_judged_by_tar_not_impostor_cos(data_report):
+    s = data_report[1]["regression"]["summary"]
+    assert s["impostor_cos"] - 0.10 > 0.05  # impostor cos rose well past IMPOSTOR_RISE ...
+    assert s["frr_at_far_1e-3"]["model"] == pytest.approx(0.05)  # ... while the false-reject rate held
+    (f,) = data_report[1]["verification"]["findings"]
+    assert "TAR at FAR 1e-3 0.9000" in f["evidence"] and "identity baseline 0.9300" in f["evidence"]
+    assert "linear probe 0.9200" in f["evidence"] and "--contrastive_weight 0.1" in f["recommendation"]
+
+
+def test_data_figures_in_text_markdown_and_plots(data_report, data_runs, tmp_path):
+    from matplotlib.image import imread
+
+    out, _, payload = data_report
+    md = (out / "report.md").read_text()
+    assert "| linear probe | data ceiling | FRR@1e-3 model / probe / baseline |" in md
+    assert re.search(r"\| 0\.7000 \| 0\.[78]\d{3} \[0\.\d{3}, 0\.\d{3}\] \|", md)
+    assert {p.split("/")[-1] for p in payload["plots"]} >= {"cos.png", "per_yaw.png"}
+    assert imread(out / "cos.png").shape[0] >= 3 * 300  # cos, impostor cos and false-reject rate panels
+    code, text = run_cli(["report", str(data_runs["short_debug"]), "--out", str(tmp_path / "t"), "--data", "cached"])
+    assert code == 0 and re.search(r"linear probe 0\.7000, data ceiling 0\.[78]\d{3} \[0\.\d{4}, 0\.\d{4}\]", text)
+    assert "false-reject rate at FAR 1e-3: model n/a, baseline 0.1000, probe 0.0800" in text  # no TAR logged
+    code, text = run_cli(["report", str(data_runs["short_debug"]), "--out", str(tmp_path / "o"), "--data", "off"])
+    assert code == 0 and "probe_to_ceiling" not in text and "data ceiling" not in text  # the old report
+
+
+def test_report_fits_and_caches_the_probe_when_none_is_cached(small_shards, tmp_path):
+    from dist_train import probe
+
+    copy = tmp_path / "set"
+    shutil.copytree(small_shards, copy)
+    run = write_run(tmp_path, "fresh", preset("debug-cpu", data_dir=str(copy)), 8, lambda e: 0.80, baseline=0.78,
+                    ratio=lambda e: 1.3)  # fmt: skip
+    code, text = run_cli(["report", str(run), "--json", "--data", "cached"])
+    (r,) = json.loads(text)["runs"]
+    assert r["summary"]["linear_probe_cos"] is None and any(
+        "no linear probe cached" in n for n in r["summary"]["data_notes"]
+    )
+    code, text = run_cli(["report", str(run), "--json"])
+    (r,) = json.loads(text)["runs"]
+    cached = probe.read_cached(copy)
+    assert cached is not None and r["summary"]["linear_probe_cos"] == cached["val"]["mean_cos"]
+    assert any("linear probe fitted" in n and str(copy) in n for n in r["summary"]["data_notes"])
