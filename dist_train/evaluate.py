@@ -194,6 +194,20 @@ class Evaluator:
         return result
 
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def inference_device(device: str | None, precision: str = "fp32"):
+    """(torch device, autocast factory or None) for inference: CUDA when available unless told otherwise."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this torch build sees no CUDA device; use --device cpu")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device (CPU kernels do not run fp16); use bf16 or fp32")
+    dtype = AUTOCAST[precision]
+    return device, (None if dtype is None else (lambda: torch.autocast(device.type, dtype=dtype)))
+
+
 def load_model(path: str | Path):
     """A model in eval mode, fp32, from any checkpoint or consolidated file."""
     sd, cfg = consolidate_checkpoint(path)
@@ -208,6 +222,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--shards", required=True, help="shard set directory")
     p.add_argument("--split", default="val")
     p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--precision", choices=tuple(AUTOCAST), default="fp32", help="autocast dtype of the forward (fp16: CUDA only)"
+    )
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument(
         "--predictions", default=None, help="also write predictions (.npy, the valid rows in the split's order)"
@@ -217,11 +235,20 @@ def main(argv: list[str]) -> int:
         shard_set = ShardSet.open(args.shards)
         shard_set.split(args.split)
         model, cfg = load_model(args.checkpoint)
-    except (ValueError, FileNotFoundError) as e:
+        device, autocast = inference_device(args.device, args.precision)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"dist-train eval: error: {e}", file=sys.stderr)
         return 2
     stats = LoaderStats()
-    rows = predict_split(model, shard_set, args.split, batch_size=args.batch_size, device="cpu", stats=stats)
+    rows = predict_split(
+        model.to(device),
+        shard_set,
+        args.split,
+        batch_size=args.batch_size,
+        device=device,
+        stats=stats,
+        autocast=autocast,
+    )
     m = metrics_of(rows)
     m["dropped_rows"] = {"nonfinite": stats.nonfinite_rows, "unreadable": stats.unreadable_rows}
     # beside val cos: the data's ceiling (how well frontal references agree with their identity) and the

@@ -31,8 +31,11 @@ class Frontalizer:
         self.backend = backend
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", device: str = "cpu") -> Frontalizer:
-        """``backend``: "onnx" for .onnx files, "torch" otherwise ("auto" picks by suffix)."""
+    def load(cls, path: str | Path, backend: str = "auto", device: str = "cpu", precision: str = "fp32") -> Frontalizer:
+        """``backend``: "onnx" for .onnx files, "torch" otherwise ("auto" picks by suffix).
+
+        torch: ``device`` and ``precision`` (fp32, or bf16/fp16 autocast) of the forward; outputs are fp32.
+        """
         path = Path(path)
         if backend == "auto":
             backend = "onnx" if path.suffix == ".onnx" else "torch"
@@ -44,14 +47,17 @@ class Frontalizer:
             ]
             sess = ort.InferenceSession(str(path), providers=providers)
             return cls(lambda x: sess.run([OUTPUT], x)[0], backend)
-        from dist_train.evaluate import load_model
+        from dist_train.evaluate import inference_device, load_model
 
         model, _ = load_model(path)
+        device, autocast = inference_device(device, precision)
         model.to(device)
 
         @torch.no_grad()
         def run(x):
-            return model(*(torch.from_numpy(x[k]).to(device) for k in INPUTS)).float().cpu().numpy()
+            with autocast() if autocast else torch.autocast(device.type, enabled=False):
+                out = model(*(torch.from_numpy(x[k]).to(device) for k in INPUTS))
+            return out.float().cpu().numpy()
 
         return cls(run, backend)
 
@@ -275,7 +281,7 @@ def run_photos(args) -> int:
     providers = choose_providers(args.device)
     settings = Settings(pack=args.pack, det_size=args.det_size, det_thresh=args.det_thresh)
     extractor = Extractor(settings, providers, 0, args.batch_size, load_pack(args.pack, providers))
-    model = Frontalizer.load(args.model, args.backend, torch_device(args.device))
+    model = Frontalizer.load(args.model, args.backend, torch_device(args.device), args.precision)
     face_filter = pairing.FaceFilter(min_size=args.min_size, min_score=args.min_score, keep=args.keep)
     print(
         f"dist-train frontalize: models {extractor.pack.files} on {providers[0]}; frontalizer {args.model} "
@@ -352,7 +358,8 @@ def run_npz(args) -> int:
     missing = [k for k in INPUTS if k not in data]
     if missing:
         raise ValueError(f"{args.npz} lacks arrays {missing}; it needs {list(INPUTS)}")
-    pred = Frontalizer.load(args.model, args.backend).frontalize(*(data[k] for k in INPUTS))
+    model = Frontalizer.load(args.model, args.backend, torch_device(args.device), args.precision)
+    pred = model.frontalize(*(data[k] for k in INPUTS))
     np.savez(output_file(args.out), **data, pred_emb=pred.astype(np.float32))
     print(f"dist-train frontalize: {len(pred)} rows -> {args.out}")
     return 0
@@ -382,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
         "go to the same name with .json",
     )
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when onnxruntime (face models) and torch (frontalizer) have it",
+    )
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="torch frontalizer autocast (fp16: CUDA)"
+    )
     g = p.add_argument_group("photos (--images)")
     g.add_argument("--pack", help="model pack directory in the buffalo_l layout (det_10g, w600k_r50, 1k3d68)")
     g.add_argument(
@@ -399,12 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--det-size", type=int, default=640, help="detector input size in pixels (default 640)")
     g.add_argument("--det-thresh", type=float, default=0.3, help="detector threshold (default 0.3)")
     g.add_argument("--batch-size", type=int, default=32, help="photos per recognition batch (default 32)")
-    g.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="auto: CUDA when onnxruntime (face models) and torch (frontalizer) have it",
-    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
