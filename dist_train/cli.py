@@ -22,6 +22,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def spelled_as_parser(parser, argv: list[str]) -> list[str]:
+    """``argv`` with each ``--foo-bar`` / ``--foo_bar`` in the spelling ``parser`` knows: every command takes both."""
+    known = set(parser._option_string_actions)
+    out = []
+    for i, token in enumerate(argv):
+        if token == "--":  # what follows is not an option
+            return out + argv[i:]
+        name, eq, value = token.partition("=")
+        if token.startswith("--") and name not in known:
+            other = "--" + (name[2:].replace("_", "-") if "_" in name else name[2:].replace("-", "_"))
+            if other in known:
+                token = other + eq + value
+        out.append(token)
+    return out
+
+
+def parse_args(parser, argv: list[str]):
+    """``parser.parse_args`` accepting both spellings of every option (``--help`` shows the parser's own)."""
+    return parser.parse_args(spelled_as_parser(parser, argv))
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: dist-train COMMAND [options]   (dist-train COMMAND --help for its options)", "", "commands:"]

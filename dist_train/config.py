@@ -10,8 +10,13 @@ rejected before work starts with the key, the value and what is allowed.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import json
+import sys
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,13 +37,13 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     data_dir: Optional[str] = None  # shard set directory (holds index.json)
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = "train"  # split trained on
+    val_split: str = "val"  # split evaluated during training (best model, early stopping)
     test_split: str = "test"  # the best model is evaluated on it at the end when the shard set has it
     target: Literal["sample", "centroid"] = "sample"  # centroid needs tgt_centroid in the shard set
-    resampled: bool = True  # infinite resampled shards (any rank count) vs exact epochs over each rank's shards
-    shuffle_blocks: int = 8  # blocks held in the shuffle buffer per worker
-    num_workers: int = 1
+    resampled: bool = True  # true: each reader samples blocks on its own; false: exact epochs, every row once
+    shuffle_blocks: int = 8  # blocks whose rows are shuffled together before batches are cut (per reader)
+    num_workers: int = 1  # DataLoader worker processes per rank (0: read in the training process)
     samples_per_epoch: Optional[int] = None  # default: the train split's sample count from index.json
 
 
@@ -54,51 +59,51 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    d_model: int = 512
-    nhead: int = 8
-    num_layers: int = 4
-    dim_feedforward: int = 2048
-    dropout: float = 0.15
-    emb_tokens: Literal["whole", "chunked"] = "whole"
-    emb_chunks: int = 16
-    landmark_tokens: Literal["one", "parts", "points"] = "parts"
+    d_model: int = 512  # width of the Transformer (token size)
+    nhead: int = 8  # attention heads (divides d_model)
+    num_layers: int = 4  # Transformer encoder layers
+    dim_feedforward: int = 2048  # width of the feed-forward layers
+    dropout: float = 0.15  # dropout in the encoder layers
+    emb_tokens: Literal["whole", "chunked"] = "whole"  # the source embedding as one token or as emb_chunks tokens
+    emb_chunks: int = 16  # chunks of the embedding when emb_tokens is chunked (divides 512)
+    landmark_tokens: Literal["one", "parts", "points"] = "parts"  # landmarks as one token, one per face part, or 68
     residual_mlp: bool = True  # residual head that also sees src_emb (see model.ResidualHead)
-    gate: Literal["learned", "yaw", "none"] = "learned"
+    gate: Literal["learned", "yaw", "none"] = "learned"  # how much correction per pose: learned, DREAM's yaw gate, 1
 
 
 @dataclass
 class LossConfig:
-    mse_weight: float = 0.2
-    cosine_weight: float = 0.8
-    contrastive_weight: float = 0.0
-    contrastive_temperature: float = 0.05
+    mse_weight: float = 0.2  # weight of the MSE term (about 1/256 of the cosine term's gradient at equal weight)
+    cosine_weight: float = 0.8  # weight of the (1 - cos) term
+    contrastive_weight: float = 0.0  # weight of the in-batch InfoNCE term (keeps identities apart); 0: off
+    contrastive_temperature: float = 0.05  # temperature of the InfoNCE term
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    scheduler_type: Literal["cosine", "cosine_restarts", "constant"] = "cosine"
-    warmup_epochs: float = 5.0
-    warmup_lr: float = 1e-6
-    cosine_eta_min: float = 1e-6
-    restart_period_epochs: float = 10.0
-    restart_mult: float = 2.0
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    weight_decay: float = 1e-4  # AdamW weight decay (not on biases, norms and embeddings)
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0: no clipping
+    scheduler_type: Literal["cosine", "cosine_restarts", "constant"] = "cosine"  # lr after the warmup
+    warmup_epochs: float = 5.0  # linear warmup from warmup_lr to lr, in epochs (may be fractional)
+    warmup_lr: float = 1e-6  # learning rate at the first step
+    cosine_eta_min: float = 1e-6  # learning rate at the end of the cosine
+    restart_period_epochs: float = 10.0  # cosine_restarts: length of the first period, in epochs
+    restart_mult: float = 2.0  # cosine_restarts: each period this many times longer than the last
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 32  # micro batch per process; global = batch_size * accumulation * processes
-    gradient_accumulation_steps: int = 1
-    epochs: int = 100
+    gradient_accumulation_steps: int = 1  # micro batches per optimizer step (emulates a larger batch)
+    epochs: int = 100  # epochs to train; an epoch is samples_per_epoch / global batch steps
     max_steps: Optional[int] = None  # optimizer steps; caps the run
     use_mixed_precision: bool = False  # fp16 on GPUs (fp32 on CPU, where DeepSpeed cannot run fp16)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: follow use_mixed_precision
     compile: bool = False  # torch.compile the model (inductor; DeepSpeed: its engine.compile)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
-    seed: int = 42
-    output_dir: str = "runs/default"
+    seed: int = 42  # seed of the data order, the initialisation and dropout
+    output_dir: str = "runs/default"  # the run directory
     resume: Optional[str] = None  # "latest" or a checkpoint directory
     overwrite: bool = False  # start fresh in an output_dir that holds another run's checkpoints (they are deleted)
     allow_data_change: bool = False  # resume onto a shard set other than the one the checkpoint was trained on
@@ -106,14 +111,14 @@ class TrainConfig:
     init_from_strict: bool = True  # refuse weights whose names or shapes differ (false: load what matches)
     monitor: Literal["mean_cos", "loss", "tar@0.001", "tar@0.01"] = "mean_cos"  # val metric for best model, early stop
     early_stopping_patience: int = 20  # evaluations without improvement; 0 disables
-    early_stopping_min_delta: float = 1e-4
+    early_stopping_min_delta: float = 1e-4  # the smallest change of the monitored metric that counts as better
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
 
 
 @dataclass
 class EvalConfig:
-    eval_every_steps: int = 0  # 0: at each epoch end only
-    eval_max_samples: Optional[int] = None
+    eval_every_steps: int = 0  # evaluate every N steps too (always at each epoch end)
+    eval_max_samples: Optional[int] = None  # evaluate on at most this many val rows (null: all)
 
 
 @dataclass
@@ -121,13 +126,13 @@ class CheckpointConfig:
     save_every_minutes: float = 30.0  # by wall time; also at the end, on preemption and on a stop request; 0: off
     save_every_steps: int = 0  # every N optimizer steps too; 0: off
     save_every_epochs: int = 0  # at the end of every N-th epoch too; 0: off
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept (the best model's step is never pruned)
     best_every_minutes: float = 2.0  # the best model is written in the background, at most this often
 
 
 @dataclass
 class LogConfig:
-    log_every_steps: int = 10
+    log_every_steps: int = 10  # write training scalars (and read the device's counters) every N steps
     trace_rows: bool = False  # write each micro batch's row numbers to RUN_DIR/trace/ (what the run read)
     log_with: str = "tensorboard"  # Accelerate trackers, comma-separated: tensorboard (always) + wandb, mlflow, ...
 
@@ -366,22 +371,65 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
         )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config`` plus one flag per field, all defaulting to 'not given'."""
+def _field_docs() -> dict[str, str]:
+    """Each setting's description: the comment after its field above (one place; `--help` shows it)."""
+    source = inspect.getsource(sys.modules[__name__])
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    sections = {cls.__name__ for cls in SECTION_TYPES.values()}
+    return {
+        node.target.id: comments.get(node.lineno, "")
+        for cls in ast.parse(source).body
+        if isinstance(cls, ast.ClassDef) and cls.name in sections
+        for node in cls.body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser, preset: tuple[str, dict] | None = None) -> None:
+    """``--config`` plus one flag per field, grouped by section, all defaulting to 'not given'.
+
+    Each flag's help is its field's description, its type and default, and, with ``preset``
+    (name, flat values), the preset's value where it sets one.
+    """
     parser.add_argument(
         "--config",
         default=None,
         help="YAML preset name (configs/NAME.yaml) or path; flags override it. Default: base",
     )
+    docs = _field_docs()
+    name, values = preset or (None, {})
     for sec, cls in SECTION_TYPES.items():
         group = parser.add_argument_group(sec)
         for f in dataclasses.fields(cls):
             tp = _FIELD_TYPES[f.name]
-            kw: dict = {"default": argparse.SUPPRESS, "help": f"{_describe(tp)} (default {f.default!r})"}
+            given = f"; {name}: {values[f.name]!r}" if f.name in values else ""
+            kw: dict = {
+                "default": argparse.SUPPRESS,
+                "help": f"{docs.get(f.name) or f.name} [{_describe(tp)}; default {f.default!r}{given}]".replace(
+                    "%", "%%"
+                ),
+            }
             if tp is bool:
                 # `--use_mixed_precision` alone means true; `--use_mixed_precision false` also works.
                 kw.update(nargs="?", const="true")
             group.add_argument(f"--{f.name}", dest=f.name, metavar=f.name.upper(), **kw)
+
+
+def preset_for_help(argv: list[str]) -> tuple[str, dict] | None:
+    """(name, values) of the ``--config`` in ``argv`` when it asks for ``--help``: the help shows them."""
+    if not {"-h", "--help"} & set(argv):
+        return None
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="base")
+    name = pre.parse_known_args(argv)[0].config
+    try:
+        return name, load_yaml(name)
+    except ConfigError:
+        return None
 
 
 def from_args(args: argparse.Namespace) -> Config:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_train import cli
 from dist_train.checkpoint import BEST_DIR, CONSOLIDATED, consolidate_checkpoint, load_consolidated
 from dist_train.data.shards import ShardSet
 from dist_train.data.stream import LoaderStats, eval_batches
@@ -230,7 +231,7 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--predictions", default=None, help="also write predictions (.npy, the valid rows in the split's order)"
     )
-    args = p.parse_args(argv)
+    args = cli.parse_args(p, argv)
     try:
         shard_set = ShardSet.open(args.shards)
         shard_set.split(args.split)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_train import cli
 from dist_train.checkpoint import CONSOLIDATED, save_consolidated
 from dist_train.data.schema import EMB_DIM, N_LANDMARKS
 
@@ -83,7 +84,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--split", default="val")
     p.add_argument("--n", type=int, default=256, help="rows in the parity check")
     p.add_argument("--opset", type=int, default=17)
-    args = p.parse_args(argv)
+    args = cli.parse_args(p, argv)
 
     from dist_train.evaluate import load_model
 

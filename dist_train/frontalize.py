@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_train import cli
 from dist_train.data.schema import EMB_DIM, N_LANDMARKS, YAW_BUCKETS, yaw_bucket_index
 from dist_train.export import INPUTS, OUTPUT
 from dist_train.paths import output_file
@@ -421,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     p = build_parser()
-    args = p.parse_args(argv)
+    args = cli.parse_args(p, argv)
     if args.images and not args.pack:
         p.error("--images needs --pack (the InsightFace model pack that finds and embeds the faces)")
     if args.npz and (args.pack or args.gallery):

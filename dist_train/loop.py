@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dist_train import cli
 from dist_train import config as config_mod
 from dist_train.checkpoint import (
     Checkpointer,
@@ -354,8 +355,8 @@ def main(argv: list[str]) -> int:
         prog="dist-train train",
         description="Train the frontalizer. Runs as is (one process) or under `accelerate launch -m dist_train train`.",
     )
-    config_mod.add_arguments(p)
-    args = p.parse_args(argv)
+    config_mod.add_arguments(p, preset=config_mod.preset_for_help(argv))
+    args = cli.parse_args(p, argv)
     try:
         cfg = config_mod.from_args(args)
         if cfg.data.data_dir is None:

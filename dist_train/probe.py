@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_train import cli
 from dist_train.data.pack import ZERO_NORM
 from dist_train.data.schema import EMB_DIM, YAW_BUCKETS, finite_rows, yaw_bucket_index
 from dist_train.data.shards import INDEX_NAME, BadBlock, ShardSet, ShardSetError, widen
@@ -496,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     try:
         cached = None if args.refresh else read_cached(args.dir, train_split=args.train_split, split=args.split)
         p = cached or run_probe(args.dir, args.train_split, args.split)

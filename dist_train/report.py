@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_train import cli
 from dist_train import config as config_mod
 from dist_train.data.schema import YAW_BUCKETS
 from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
@@ -1112,7 +1113,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="the shard set's data ceiling and linear probe: compute what is not cached (run, default), only read "
         "the probe's cache (cached; the ceiling is always computed), or neither (off)",
     )
-    return p.parse_args(argv)
+    return cli.parse_args(p, argv)
 
 
 def main(argv: list[str]) -> int:

@@ -168,3 +168,39 @@ def test_cli_rejects_before_starting(tmp_path):
     assert r.returncode == 2
     assert "d_model: 100 is not allowed; must be divisible by nhead (3)" in r.stderr
     assert not (tmp_path / "run").exists()  # nothing is created before validation
+
+
+def test_every_train_flag_says_what_it_does_and_shows_the_presets_value():
+    docs = config._field_docs()
+    assert set(docs) == set(config.FLAT) and all(len(d.split()) >= 3 for d in docs.values()), [
+        k for k, d in docs.items() if len(d.split()) < 3
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "dist_train", "train", "--config", "xl", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "--d_model D_MODEL width of the Transformer (token size) [an integer; default 512; xl: 768]" in text
+    assert "clip the global gradient norm to this; 0: no clipping [a number; default 1.0]" in text
+    for section in ("data:", "augment:", "model:", "loss:", "optim:", "train:", "eval:", "checkpoint:", "log:"):
+        assert f"\n{section}\n" in out.stdout, section
+
+
+@pytest.mark.parametrize(
+    "command, flag, other",
+    [
+        (["pack", "--npz", "/nonexistent.npz", "--out", "/tmp/x"], "--val-fraction", "--val_fraction"),
+        (["inspect", "/nonexistent"], "--split", "--split"),
+        (["train", "--data_dir", "/nonexistent"], "--batch_size", "--batch-size"),
+        (["eval", "--checkpoint", "/none", "--shards", "/none"], "--batch_size", "--batch-size"),
+    ],
+)
+def test_every_command_takes_both_spellings_of_a_flag(command, flag, other):
+    """A flag is refused only for what it says, never for its spelling (argparse would exit 2 with 'unrecognized')."""
+    for spelled in (flag, other):
+        out = subprocess.run(
+            [sys.executable, "-m", "dist_train", *command, spelled, "3" if "batch" in spelled else "0.2"],
+            capture_output=True,
+            text=True,
+        )
+        assert "unrecognized arguments" not in out.stderr and "error" in out.stderr, out.stderr[-500:]

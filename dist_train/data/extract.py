@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_train import cli
 from dist_train.data import pairing, splits
 from dist_train.data.schema import EMB_DIM, FIELDS, N_LANDMARKS
 from dist_train.data.shards import INDEX_NAME, ShardWriter, write_index
@@ -867,7 +868,7 @@ def _check_args(args, root: Path, out: Path) -> None:
 def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     root, out = Path(args.root), Path(args.out)
     try:
         _check_args(args, root, out)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_train import cli
 from dist_train.data.pack import ZERO_NORM
 from dist_train.data.schema import (
     EMB_DIM,
@@ -1028,7 +1029,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     try:
         report, data = inspect(args.dir, args.split)
     except ShardSetError as e:

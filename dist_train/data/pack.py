@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train import __version__
+from dist_train import __version__, cli
 from dist_train.data.schema import DEFAULT_BLOCK_SIZE, EMBEDDING_FIELDS, FIELDS, REQUIRED, finite_rows
 from dist_train.data.shards import DEFAULT_SHARD_SAMPLES, INDEX_NAME, add_layout_arguments, write_shard_set
 from dist_train.data.splits import split_by_identity
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     try:
         arrays = load_arrays(args.npz, args.npy_dir)
         summary = pack(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from dist_train import cli
 from dist_train import config as config_mod
 from dist_train.config import ConfigError
 from dist_train.data.shards import ShardSetError
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> int:
     config_mod.add_arguments(parser)
     try:
         check_accelerate_config(accelerate_yaml)
-        args, unknown = parser.parse_known_args(trainer_flags)
+        args, unknown = parser.parse_known_args(cli.spelled_as_parser(parser, trainer_flags))
         if unknown:
             raise ConfigError(f"unknown trainer arguments {unknown}; see `dist-train train --help`")
         cfg = config_mod.from_args(args)
