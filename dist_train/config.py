@@ -36,7 +36,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    data_dir: Optional[str] = None  # shard set directory (holds index.json)
+    data_dir: Optional[list[str]] = None  # shard set directories (each holds index.json); several are read together
+    data_weights: Optional[list[float]] = None  # sampling weight of each data_dir (resampled mode); default: by rows
     train_split: str = "train"  # split trained on
     val_split: str = "val"  # split evaluated during training (best model, early stopping)
     test_split: str = "test"  # the best model is evaluated on it at the end when the shard set has it
@@ -182,19 +183,29 @@ def _describe(tp) -> str:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _describe(inner[0]) + " or null"
+    if origin is list:
+        return _describe(typing.get_args(tp)[0]) + " or several"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
 def coerce(key: str, value):
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
-    tp = _FIELD_TYPES[key]
+    bad = ConfigError(f"{key}: {value!r} is not valid; expected {_describe(_FIELD_TYPES[key])}")
+    return _convert(_FIELD_TYPES[key], value, bad)
+
+
+def _convert(tp, value, bad: ConfigError):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
         origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}: {value!r} is not valid; expected {_describe(_FIELD_TYPES[key])}")
+    if origin is list:  # one value or a list of them (YAML list, or several values after one flag)
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not items:
+            raise bad
+        return [_convert(typing.get_args(tp)[0], v, bad) for v in items]
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad
@@ -354,21 +365,36 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
     need(o.cosine_eta_min <= o.lr, "cosine_eta_min", o.cosine_eta_min, f"must not exceed lr ({o.lr})")
     need(o.restart_period_epochs > 0, "restart_period_epochs", o.restart_period_epochs, "must be positive")
     need(o.restart_mult >= 1, "restart_mult", o.restart_mult, "must be >= 1")
+    if d.data_weights is not None:
+        need(
+            d.data_dir is not None and len(d.data_weights) == len(d.data_dir),
+            "data_weights",
+            d.data_weights,
+            f"give one weight per data_dir ({len(d.data_dir or [])} shard sets)",
+        )
+        need(all(w > 0 for w in d.data_weights), "data_weights", d.data_weights, "every weight must be positive")
+        need(
+            d.resampled,
+            "data_weights",
+            d.data_weights,
+            "exact epochs (resampled: false) read every row once; sampling weights need resampled: true",
+        )
     if check_data and d.data_dir is not None:
         from dist_train.data.shards import ShardSet, ShardSetError
 
-        try:
-            ss = ShardSet.open(d.data_dir)
-            ss.split(d.train_split)
-            ss.split(d.val_split)
-        except ShardSetError as e:
-            raise ConfigError(f"data_dir: {e}") from e
-        need(
-            d.target != "centroid" or ss.has("tgt_centroid"),
-            "target",
-            d.target,
-            f"shard set {d.data_dir} has no tgt_centroid; use target: sample",
-        )
+        for path in d.data_dir:
+            try:
+                ss = ShardSet.open(path)
+                ss.split(d.train_split)
+                ss.split(d.val_split)
+            except ShardSetError as e:
+                raise ConfigError(f"data_dir: {e}") from e
+            need(
+                d.target != "centroid" or ss.has("tgt_centroid"),
+                "target",
+                d.target,
+                f"shard set {path} has no tgt_centroid; use target: sample",
+            )
 
 
 def _field_docs() -> dict[str, str]:
@@ -416,6 +442,8 @@ def add_arguments(parser: argparse.ArgumentParser, preset: tuple[str, dict] | No
             if tp is bool:
                 # `--use_mixed_precision` alone means true; `--use_mixed_precision false` also works.
                 kw.update(nargs="?", const="true")
+            if list in map(typing.get_origin, typing.get_args(tp)):  # --data_dir A B
+                kw.update(nargs="+")
             group.add_argument(f"--{f.name}", dest=f.name, metavar=f.name.upper(), **kw)
 
 

@@ -20,11 +20,14 @@ import torch
 
 from dist_train import cli
 from dist_train.checkpoint import BEST_DIR, CONSOLIDATED, consolidate_checkpoint, load_consolidated
+from dist_train.data.blocks import PART_IDENTITY_STRIDE
+from dist_train.data.inspect import data_ceiling
 from dist_train.data.shards import ShardSet
 from dist_train.data.stream import LoaderStats, eval_batches
-from dist_train.metrics import quality
+from dist_train.metrics import quality, row_cos
 from dist_train.model import build_model, model_inputs
 from dist_train.paths import output_file
+from dist_train.probe import FRR_FAR, read_cached
 
 EVAL_FIELDS_BASE = ("src_emb", "src_kps", "src_pose", "tgt_emb", "identity")
 
@@ -34,9 +37,10 @@ def train_fields(target: str = "sample") -> tuple[str, ...]:
     return EVAL_FIELDS_BASE + (("tgt_centroid",) if target == "centroid" else ())
 
 
-def eval_fields(shard_set: ShardSet, target: str = "sample") -> tuple[str, ...]:
-    """Training's fields plus the oracle, when the shard set has one, for the ceiling metrics."""
-    return train_fields(target) + tuple(f for f in ("oracle_emb",) if shard_set.has(f))
+def eval_fields(shard_sets: ShardSet | list[ShardSet], target: str = "sample") -> tuple[str, ...]:
+    """Training's fields plus the oracle, when every shard set has one, for the ceiling metrics."""
+    sets = shard_sets if isinstance(shard_sets, list) else [shard_sets]
+    return train_fields(target) + tuple(f for f in ("oracle_emb",) if all(s.has(f) for s in sets))
 
 
 def target_of(batch: dict, target: str) -> torch.Tensor:
@@ -60,6 +64,7 @@ def predict_split(
     autocast=None,
     input_dtype: torch.dtype = torch.float32,
     stats: LoaderStats | None = None,
+    fields: tuple[str, ...] | None = None,
 ) -> dict[str, np.ndarray]:
     """This rank's valid rows of the split with predictions (and per-row loss when ``loss_fn``).
 
@@ -73,7 +78,7 @@ def predict_split(
     room0 = None if max_samples is None else max_samples // max(world_size, 1)
     n_batches = None if room0 is None else -(-room0 // batch_size)
     batches = eval_batches(
-        shard_set, split, batch_size, rank, world_size, fields=eval_fields(shard_set, target), stats=stats
+        shard_set, split, batch_size, rank, world_size, fields=fields or eval_fields(shard_set, target), stats=stats
     )
     for batch, valid in itertools.islice(batches, n_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -102,23 +107,58 @@ def predict_split(
     return {k: np.concatenate(v) for k, v in cols.items()} if cols else {}
 
 
-def metrics_of(rows: dict[str, np.ndarray]) -> dict:
-    """`metrics.quality` on gathered rows, plus the mean validation loss when present."""
+def predict_sets(model, shard_sets: list[ShardSet], split: str, **kw) -> dict[str, np.ndarray]:
+    """`predict_split` over several shard sets read together: identities kept apart, a ``part`` column per row.
+
+    Each set is capped at ``max_samples`` on its own; the sets' fields are those all of them have.
+    """
+    fields = eval_fields(shard_sets, kw.get("target", "sample"))
+    parts = []
+    for part, shard_set in enumerate(shard_sets):
+        rows = predict_split(model, shard_set, split, fields=fields, **kw)
+        if rows:
+            rows["identity"] = rows["identity"] + part * PART_IDENTITY_STRIDE
+            rows["part"] = np.full(len(rows["pred"]), part, np.int64)
+            parts.append(rows)
+    return {k: np.concatenate([r[k] for r in parts]) for k in parts[0]} if parts else {}
+
+
+def metrics_of(rows: dict[str, np.ndarray], names: list[str] | None = None) -> dict:
+    """`metrics.quality` on gathered rows, plus the mean validation loss when present.
+
+    With ``names`` (several shard sets, a ``part`` column), also ``per_set``: each set's n, mean cos and baseline.
+    """
     out = quality(
         rows["pred"], rows["tgt_emb"], rows["src_emb"], rows["src_pose"][:, 1], rows["identity"], rows.get("oracle_emb")
     )
     if "loss" in rows:
         out["loss"] = float(rows["loss"].mean()) if len(rows["loss"]) else float("nan")
+    if names and len(names) > 1:
+        out["per_set"] = {}
+        for part, name in enumerate(names):
+            mine = rows["part"] == part
+            cos, base = (
+                row_cos(rows["pred"][mine], rows["tgt_emb"][mine]),
+                row_cos(rows["src_emb"][mine], rows["tgt_emb"][mine]),
+            )
+            out["per_set"][name] = {
+                "n": int(mine.sum()),
+                "mean_cos": float(cos.mean()) if mine.any() else float("nan"),
+                "identity_baseline_cos": float(base.mean()) if mine.any() else float("nan"),
+            }
     return out
 
 
 class Evaluator:
     """Training-time validation callback; owns its schedule (`due`) and its metrics JSON files."""
 
-    def __init__(self, cfg, runtime, shard_set: ShardSet, split: str, batch_size: int, target: str, run_dir: Path):
+    def __init__(
+        self, cfg, runtime, shard_sets: list[ShardSet], split: str, batch_size: int, target: str, run_dir: Path
+    ):
         self.cfg = cfg  # config.EvalConfig
         self.rt = runtime
-        self.shard_set = shard_set
+        self.shard_sets = shard_sets
+        self.names = [str(s.root) for s in shard_sets]
         self.split = split
         self.batch_size = batch_size
         self.target = target
@@ -135,9 +175,9 @@ class Evaluator:
 
         acc = self.rt.accelerator
         stats = LoaderStats()
-        rows = predict_split(
+        rows = predict_sets(
             model,
-            self.shard_set,
+            self.shard_sets,
             self.split,
             batch_size=self.batch_size,
             device=acc.device,
@@ -158,7 +198,7 @@ class Evaluator:
                 rows = {k: np.concatenate([g[k] for g in gathered if g]) for k in rows}
         result = [None]
         if acc.is_main_process:
-            m = metrics_of(rows)
+            m = metrics_of(rows, self.names)
             m.update(step=step, epoch=epoch, train_loss=train_loss)
             m["dropped_rows"] = {"nonfinite": nonfinite, "unreadable": unreadable}
             m["val_train_loss_ratio"] = (
@@ -180,19 +220,31 @@ class Evaluator:
         acc = self.rt.accelerator
         best = self.run_dir / BEST_DIR / CONSOLIDATED
         result = None
-        if acc.is_main_process and split and split in self.shard_set.splits and best.is_file():
+        sets = [s for s in self.shard_sets if split and split in s.splits]
+        if acc.is_main_process and sets and best.is_file():
             model, _ = load_model(best)
             stats = LoaderStats()
-            rows = predict_split(
-                model.to(acc.device), self.shard_set, split, batch_size=self.batch_size, device=acc.device, stats=stats
+            rows = predict_sets(
+                model.to(acc.device), sets, split, batch_size=self.batch_size, device=acc.device, stats=stats
             )
-            result = metrics_of(rows)
+            result = metrics_of(rows, [str(s.root) for s in sets])
             result.update(split=split, step=load_consolidated(best)[2].get("step"), model=str(best))
             result["dropped_rows"] = {"nonfinite": stats.nonfinite_rows, "unreadable": stats.unreadable_rows}
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "test.json").write_text(json.dumps(result, indent=2) + "\n")
         acc.wait_for_everyone()
         return result
+
+
+def data_limits(path: str, split: str) -> dict:
+    """A set's data ceiling and, when cached, its linear probe: the figures val cos is read against."""
+    out = {"data_ceiling": data_ceiling(ShardSet.open(path), split)}
+    probe = read_cached(path, split=split)
+    if probe is not None:
+        out["linear_probe"] = {"cache": probe["cache"]} | {
+            k: probe["val"][k] for k in ("mean_cos", "per_yaw", "impostor_cos", "tar_at_far")
+        }
+    return out
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -220,7 +272,9 @@ def load_model(path: str | Path):
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dist-train eval", description="Validation metrics of a checkpoint on a split.")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir (any ZeRO stage / DDP) or consolidated file")
-    p.add_argument("--shards", required=True, help="shard set directory")
+    p.add_argument(
+        "--shards", required=True, nargs="+", help="shard set directory, or several (pooled metrics and per set)"
+    )
     p.add_argument("--split", default="val")
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -233,48 +287,51 @@ def main(argv: list[str]) -> int:
     )
     args = cli.parse_args(p, argv)
     try:
-        shard_set = ShardSet.open(args.shards)
-        shard_set.split(args.split)
+        shard_sets = [ShardSet.open(path) for path in args.shards]
+        for shard_set in shard_sets:
+            shard_set.split(args.split)
         model, cfg = load_model(args.checkpoint)
         device, autocast = inference_device(args.device, args.precision)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"dist-train eval: error: {e}", file=sys.stderr)
         return 2
     stats = LoaderStats()
-    rows = predict_split(
+    rows = predict_sets(
         model.to(device),
-        shard_set,
+        shard_sets,
         args.split,
         batch_size=args.batch_size,
         device=device,
         stats=stats,
         autocast=autocast,
     )
-    m = metrics_of(rows)
+    m = metrics_of(rows, args.shards)
     m["dropped_rows"] = {"nonfinite": stats.nonfinite_rows, "unreadable": stats.unreadable_rows}
-    # beside val cos: the data's ceiling (how well frontal references agree with their identity) and the
+    # beside val cos: each set's data ceiling (how well frontal references agree with their identity) and
     # linear probe (closed-form ridge, when `dist-train probe` has cached it beside the set)
-    from dist_train.data.inspect import data_ceiling
-    from dist_train.probe import FRR_FAR, read_cached
-
-    m["data_ceiling"] = data_ceiling(shard_set, args.split)
-    probe = read_cached(args.shards, split=args.split)
+    beside = {path: data_limits(path, args.split) for path in args.shards}
     frr = {"model": 1.0 - m["tar_at_far"][FRR_FAR]["pred"], "baseline": 1.0 - m["tar_at_far"][FRR_FAR]["baseline"]}
-    if probe is not None:
-        m["linear_probe"] = {"cache": probe["cache"]} | {
-            k: probe["val"][k] for k in ("mean_cos", "per_yaw", "impostor_cos", "tar_at_far")
-        }
-        frr["probe"] = 1.0 - probe["val"]["tar_at_far"][FRR_FAR]["pred"]
+    if len(args.shards) == 1:
+        m |= beside[args.shards[0]]
+        if "linear_probe" in m:
+            frr["probe"] = 1.0 - m["linear_probe"]["tar_at_far"][FRR_FAR]["pred"]
+    else:
+        for path, limits in beside.items():
+            m["per_set"][path] |= limits
     m["frr_at_far_" + FRR_FAR] = frr
-    c = m["data_ceiling"]
     summary = {k: m[k] for k in ("n", "mean_cos") if k in m}
-    summary["data_ceiling"] = (
-        {"cos": c["cos"], "ci95": c["ci95"], "n_identities": c["n_identities"]} if c["estimable"] else c["reason"]
-    )
-    summary["linear_probe_cos"] = (
-        m["linear_probe"]["mean_cos"] if probe is not None else f"not cached: run `dist-train probe {args.shards}`"
-    )
-    for k in ("identity_baseline_cos", "gain", "oracle_cos", "fraction_of_oracle_gap", "impostor_cos"):
+    for path, limits in beside.items():
+        c = limits["data_ceiling"]
+        where = "" if len(args.shards) == 1 else f" of {path}"
+        summary["data_ceiling" + where] = (
+            {"cos": c["cos"], "ci95": c["ci95"], "n_identities": c["n_identities"]} if c["estimable"] else c["reason"]
+        )
+        summary["linear_probe_cos" + where] = (
+            limits["linear_probe"]["mean_cos"]
+            if "linear_probe" in limits
+            else f"not cached: run `dist-train probe {path}`"
+        )
+    for k in ("identity_baseline_cos", "gain", "oracle_cos", "fraction_of_oracle_gap", "impostor_cos", "per_set"):
         if k in m:
             summary[k] = m[k]
     summary["frr_at_far_" + FRR_FAR] = frr

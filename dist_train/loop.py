@@ -74,9 +74,28 @@ class Plan:
         return min(total, max_steps) if max_steps else total
 
 
-def data_fingerprint(shard_set: ShardSet) -> str:
-    """What a checkpoint was trained on: a hash of the shard set's index.json."""
-    return hashlib.sha256((shard_set.root / INDEX_NAME).read_bytes()).hexdigest()[:16]
+def data_fingerprint(shard_sets: list[ShardSet]) -> str:
+    """What a checkpoint was trained on: a hash of the shard sets' index.json files, in order."""
+    digest = hashlib.sha256()
+    for shard_set in shard_sets:
+        digest.update((shard_set.root / INDEX_NAME).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def open_shard_sets(cfg: Config) -> list[ShardSet]:
+    """The run's shard sets, refused before training when one lacks a field or a split the run reads."""
+    sets = [ShardSet.open(path) for path in cfg.data.data_dir]
+    needed = train_fields(cfg.data.target)
+    for shard_set in sets:
+        missing = [f for f in needed if not shard_set.has(f)]
+        if missing:
+            raise ConfigError(
+                f"data_dir: {shard_set.root} has no field(s) {missing}, which this run reads (it has "
+                f"{shard_set.fields}); every shard set read together needs {list(needed)}"
+            )
+        shard_set.split(cfg.data.train_split)
+        shard_set.split(cfg.data.val_split)
+    return sets
 
 
 def check_resume(saved: TrainState, plan: Plan, fingerprint: str, rt: Runtime, cfg: Config) -> int:
@@ -155,16 +174,16 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     torch.manual_seed(cfg.train.seed + rt.rank)
 
     # ---- data, arithmetic, and where this run starts ----------------------------------------------
-    shard_set = ShardSet.open(cfg.data.data_dir)
+    shard_sets = open_shard_sets(cfg)
     plan = Plan(
         cfg.train.batch_size,
         cfg.train.gradient_accumulation_steps,
         rt.world_size,
-        cfg.data.samples_per_epoch or shard_set.n_samples(cfg.data.train_split),
+        cfg.data.samples_per_epoch or sum(s.n_samples(cfg.data.train_split) for s in shard_sets),
     )
     spe = plan.steps_per_epoch
     total_steps = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
-    fingerprint = data_fingerprint(shard_set)
+    fingerprint = data_fingerprint(shard_sets)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, acc, cfg)
     start = checkpointer.resolve_start(cfg.train.resume, cfg.train.overwrite)  # refusals come before any write
     offset = check_resume(read_state(start), plan, fingerprint, rt, cfg) if start else 0
@@ -190,11 +209,11 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
 
     # ---- callbacks ----------------------------------------------------------------------------
     stop = StopRequest(run_dir, acc)
-    evaluator = Evaluator(cfg.eval, rt, shard_set, cfg.data.val_split, cfg.train.batch_size, cfg.data.target, run_dir)
+    evaluator = Evaluator(cfg.eval, rt, shard_sets, cfg.data.val_split, cfg.train.batch_size, cfg.data.target, run_dir)
     logger = TrainLogger(cfg.log, acc, cfg, state.step, total_steps, plan.global_batch)
     stats = StepStats(loss_fn.term_names, acc.device, rt.world_size)
     stream = TrainStream(
-        shard_set,
+        shard_sets,
         split=cfg.data.train_split,
         batch_size=plan.micro_batch,
         rank=rt.rank,
@@ -207,6 +226,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
         fields=train_fields(cfg.data.target),  # no oracle: training never reads it
         trace_rows=cfg.log.trace_rows,
         pin_memory=acc.device.type == "cuda",
+        weights=cfg.data.data_weights,
     )
     trace = RowTrace(run_dir, rt.rank, state.step) if cfg.log.trace_rows else None
     loader_base = LoaderStats(**state.loader)  # counted by earlier processes of this run

@@ -314,7 +314,9 @@ def attach_data(run: Run, mode: str = "run") -> None:
         run.data = {"notes": ["no data ceiling or linear probe: the run's shard set is unknown (no data_dir)"]}
         return
     d = run.config.data
-    root = Path(d.data_dir)
+    root = Path(d.data_dir[0])
+    if len(d.data_dir) > 1:
+        run.data = {"notes": [f"data ceiling and linear probe of the first of {len(d.data_dir)} shard sets, {root}"]}
     if not (root / "index.json").is_file():
         run.data = {"notes": [f"no data ceiling or linear probe: {root} holds no shard set here"]}
         return
@@ -411,7 +413,8 @@ def next_rung(run: Run) -> str:
 
 
 def data_dir(run: Run) -> str:
-    return (run.config and run.config.data.data_dir) or "DATA_DIR"
+    """The run's shard set directories, as they go on a command line."""
+    return " ".join((run.config and run.config.data.data_dir) or ["DATA_DIR"])
 
 
 def regularise_flags(run: Run) -> str:
@@ -596,8 +599,8 @@ def diagnose_data_limit(run: Run, th: Thresholds) -> Finding | None:
 
 def shard_set_has(run: Run, name: str) -> bool:
     try:
-        fields = json.loads((Path(data_dir(run)) / "index.json").read_text()).get("fields", [])
-    except (OSError, ValueError):
+        fields = json.loads((Path(run.config.data.data_dir[0]) / "index.json").read_text()).get("fields", [])
+    except (OSError, ValueError, AttributeError, TypeError):  # no config or no data_dir
         return False
     return name in fields
 

@@ -16,6 +16,7 @@ unknown member, a missing field or a row count that disagrees with
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tarfile
 from collections import OrderedDict
@@ -28,6 +29,7 @@ from dist_train.data.shards import BadBlock, ShardSet, _load_npy, _npy_layout
 
 _NPY_HEADER_BYTES = 256  # enough for any header write_split produces (numpy pads headers to 64/128 bytes)
 _OPEN_FILES = 32  # file handles a reader keeps open
+PART_IDENTITY_STRIDE = 1 << 40  # identity offset per combined shard set (ids are unique within one set only)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Block:
     n_rows: int
     members: dict[str, tuple[int, int]]  # field -> (byte offset, size) in the shard file
     problem: str | None = None  # why it cannot be read (counted as a bad block when a reader meets it)
+    part: int = 0  # which shard set it belongs to, when several are read together (`combine`)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class BlockTable:
     paths: tuple[str, ...]
     blocks: list[Block]
     shard_errors: dict[str, str] = field(default_factory=dict)  # shard path -> what the scan could not read
+    parts: int = 1  # shard sets combined (identities of set p are offset by p * PART_IDENTITY_STRIDE)
 
     @property
     def n_rows(self) -> int:
@@ -156,6 +160,21 @@ def scan(paths: list[str], declared: list[tuple[int, int]] | None = None) -> Blo
     return BlockTable(tuple(paths), blocks, errors)
 
 
+def combine(tables: list[BlockTable]) -> BlockTable:
+    """Several shard sets' splits read as one table: blocks in order, each tagged with its set (``part``)."""
+    if len(tables) == 1:
+        return tables[0]
+    paths: list[str] = []
+    blocks, errors, row = [], {}, 0
+    for part, table in enumerate(tables):
+        for b in table.blocks:
+            blocks.append(dataclasses.replace(b, shard=b.shard + len(paths), first_row=row, part=part))
+            row += b.n_rows
+        paths += table.paths
+        errors |= table.shard_errors
+    return BlockTable(tuple(paths), blocks, errors, parts=len(tables))
+
+
 def split_table(shard_set: ShardSet, split: str) -> BlockTable:
     """The block table of a split of a shard set (declared layout from index.json); cached on the set."""
     cache = shard_set.__dict__.setdefault("_block_tables", {})
@@ -206,6 +225,8 @@ class BlockReader:
                     f"dtype {a.dtype}, expected {want}"
                 )
             out[name] = a if a.dtype == FIELDS[name].storage else a.astype(FIELDS[name].storage)
+        if block.part and "identity" in out:  # identities are unique within a set: keep the sets' apart
+            out["identity"] = out["identity"] + block.part * PART_IDENTITY_STRIDE
         return out
 
     def close(self) -> None:

@@ -1021,23 +1021,28 @@ def plot(report: dict, data: dict[str, dict], path: str | Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-train inspect", description=__doc__.splitlines()[0])
-    p.add_argument("dir", help="shard set directory (holds index.json)")
+    p.add_argument("dir", nargs="+", help="shard set directory (holds index.json), or several (a report each)")
     p.add_argument("--split", default="all", help="a split name, or 'all' (default)")
-    p.add_argument("--json", help="also write the report as JSON here")
-    p.add_argument("--png", help="also write the yaw histograms and cos-vs-yaw plot here")
+    p.add_argument("--json", help="also write the report as JSON here (several sets: {'sets': {dir: report}})")
+    p.add_argument("--png", help="also write the yaw histograms and cos-vs-yaw plot here (several sets: one each)")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
-    try:
-        report, data = inspect(args.dir, args.split)
-    except ShardSetError as e:
-        print(f"dist-train inspect: error: {e}", file=sys.stderr)
-        return 2
-    print(format_text(report))
+    reports = {}
+    for i, path in enumerate(args.dir):
+        try:
+            report, data = inspect(path, args.split)
+        except ShardSetError as e:
+            print(f"dist-train inspect: error: {e}", file=sys.stderr)
+            return 2
+        print(("\n" if i else "") + format_text(report))
+        reports[path] = report
+        if args.png:
+            png = Path(args.png)
+            plot(report, data, output_file(png if len(args.dir) == 1 else png.with_stem(f"{png.stem}-{i}")))
     if args.json:
-        output_file(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.png:
-        plot(report, data, output_file(args.png))
+        out = reports[args.dir[0]] if len(args.dir) == 1 else {"sets": reports}
+        output_file(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -46,7 +46,7 @@ import braceexpand
 import numpy as np
 import torch
 
-from dist_train.data.blocks import BlockReader, BlockTable, scan, split_table
+from dist_train.data.blocks import BlockReader, BlockTable, combine, scan, split_table
 from dist_train.data.schema import FIELDS, REQUIRED, finite_rows
 from dist_train.data.shards import BadBlock, ShardSet, compute_dtype, widen
 
@@ -160,9 +160,10 @@ class _Plan:
     shuffle_blocks: int
     batches_per_epoch: int
     start_batch: int
+    weights: tuple[float, ...] | None = None  # resampled mode: probability of drawing from each combined set
 
 
-_EXACT, _RESAMPLED, _MIXER = 1, 2, 3  # seed purposes
+_EXACT, _RESAMPLED, _MIXER, _WEIGHTED = 1, 2, 3, 4  # seed purposes
 
 
 def _block_order(plan: _Plan, *key: int) -> np.ndarray:
@@ -170,10 +171,30 @@ def _block_order(plan: _Plan, *key: int) -> np.ndarray:
 
 
 def _resampled_passes(plan: _Plan, worker: int) -> Iterator[list[tuple[int, int, int, int]]]:
-    """This reader's passes for ever: each a seeded permutation of all blocks as (block, first row, end row, 0)."""
+    """This reader's passes for ever: each a seeded permutation of all blocks as (block, first row, end row, 0).
+
+    With ``weights`` (several shard sets) a pass is as many blocks, each drawn from one set, in the order of that
+    set's own permutation (renewed when used up), set s chosen with probability proportional to weights[s] over
+    its mean block size: the weights are the sets' shares of the rows drawn.
+    """
     sizes = [b.n_rows for b in plan.table.blocks]
-    for p in itertools.count():
-        yield [(int(b), 0, sizes[b], 0) for b in _block_order(plan, plan.rank, worker, _RESAMPLED, p)]
+    if plan.weights is None:
+        for p in itertools.count():
+            yield [(int(b), 0, sizes[b], 0) for b in _block_order(plan, plan.rank, worker, _RESAMPLED, p)]
+    rng = np.random.default_rng(_seed(plan.seed, plan.epoch, plan.rank, worker, _WEIGHTED))
+    members = [np.array([i for i, b in enumerate(plan.table.blocks) if b.part == p]) for p in range(plan.table.parts)]
+    queues: list[list[int]] = [[] for _ in members]
+    rows_per_block = np.array([np.mean([sizes[b] for b in m]) for m in members])  # sets may differ in block size
+    share = np.asarray(plan.weights, np.float64) / rows_per_block
+    share /= share.sum()
+    while True:
+        drawn = []
+        for part in rng.choice(len(members), size=len(sizes), p=share):
+            if not queues[part]:
+                queues[part] = rng.permutation(members[part]).tolist()
+            b = queues[part].pop()
+            drawn.append((b, 0, sizes[b], 0))
+        yield drawn
 
 
 def _exact_range(plan: _Plan, worker: int, num_workers: int) -> tuple[int, int]:
@@ -451,12 +472,22 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank must be in [0, {world_size}) for world_size {world_size}, got {rank!r}")
 
 
+def _shard_sets(source) -> list[ShardSet]:
+    """The shard sets of a source: one, several (read together), or none (loose shard files)."""
+    if isinstance(source, ShardSet):
+        return [source]
+    if isinstance(source, (list, tuple)) and source and all(isinstance(s, ShardSet) for s in source):
+        return list(source)
+    return []
+
+
 class TrainStream:
     """Training batches: exactly ``batches_per_epoch`` per epoch on every rank (see the module docstring).
 
-    ``source``: a ShardSet (with ``split``) or local shard files (paths, globs,
-    brace ranges). ``trace_rows`` adds a ``row`` column: each row's number in the
-    split, for checking what a run read.
+    ``source``: a ShardSet (with ``split``), several read as one (identities kept
+    apart; ``weights``: each set's share of the rows drawn, resampled mode), or
+    local shard files (paths, globs, brace ranges). ``trace_rows`` adds a ``row``
+    column: each row's number in the (combined) split, for checking what a run read.
     """
 
     def __init__(
@@ -475,17 +506,26 @@ class TrainStream:
         fields: Sequence[str] = REQUIRED,
         trace_rows: bool = False,
         pin_memory: bool = False,
+        weights: Sequence[float] | None = None,
     ):
         _check_positive(batch_size=batch_size, batches_per_epoch=batches_per_epoch)
         _check_rank(rank, world_size)
         for name, value in (("shuffle_blocks", shuffle_blocks), ("num_workers", num_workers)):
             if not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{name} must be zero or a positive integer, got {value!r}")
-        shard_set = source if isinstance(source, ShardSet) else None
-        fields = _check_fields(fields, shard_set)
-        table = split_table(shard_set, split) if shard_set is not None else scan(expand_urls(source))
+        sets = _shard_sets(source)
+        for shard_set in sets or [None]:
+            fields = _check_fields(fields, shard_set)
+        table = combine([split_table(s, split) for s in sets]) if sets else scan(expand_urls(source))
+        if weights is not None:
+            if len(weights) != table.parts or min(weights) <= 0 or not resampled:
+                raise ValueError(
+                    f"weights {list(weights)}: give one positive weight per shard set ({table.parts}), "
+                    "with resampled=True (exact epochs read every row once)"
+                )
+            weights = tuple(float(w) for w in weights)
         if not any(b.problem is None for b in table.blocks):
-            where = f"split {split!r} of {str(shard_set.root)!r}" if shard_set is not None else "the shard files"
+            where = f"split {split!r} of {[str(s.root) for s in sets]}" if sets else "the shard files"
             why = "; ".join(f"{p}: {e}" for p, e in list(table.shard_errors.items())[:_SHOWN]) or "; ".join(
                 sorted({b.problem for b in table.blocks})[:_SHOWN]
             )
@@ -510,6 +550,7 @@ class TrainStream:
             shuffle_blocks=shuffle_blocks,
             batches_per_epoch=batches_per_epoch,
             start_batch=0,
+            weights=weights,
         )
         # shards the scan could not read to the end: counted once, by rank 0, for the whole run
         self._done = LoaderStats(shard_errors=len(table.shard_errors) if rank == 0 else 0)
