@@ -74,20 +74,24 @@ def test_readme_first_command_runs_the_main_job_into_a_fresh_run_folder(tmp_path
     (clone / ".venv").symlink_to(REPO / ".venv")
     (clone / "shards").symlink_to(REPO / "shards")
     r = subprocess.run(
-        ["bash", "launch/demo.sh", "--epochs", "2"],
+        ["bash", "launch/demo.sh", "--epochs", "1", "--warmup_epochs", "0.2"],
         cwd=clone,
-        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        env=os.environ | {"OMP_NUM_THREADS": "1"},  # the demo's data; one epoch of its three
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     out = clone / "runs" / "demo"
-    for name in ("inspect.json", "inspect.png", "best/model.safetensors", "eval.json", "report/report.md"):
+    for name in ("shards/index.json", "inspect.json", "inspect.png", "best/model.safetensors", "eval.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "report" / "report.md").is_file()
     m = json.loads((out / "eval.json").read_text())
     assert m["n"] == json.loads((out / "inspect.json").read_text())["splits"]["val"]["n_samples"]
-    assert 0.7 < m["identity_baseline_cos"] < 0.8 and m["mean_cos"] > 0.5
+    # the point of the demo: the model beats the do-nothing baseline on identities it never saw (the whole demo
+    # closes 97% of the baseline-to-oracle gap in about a minute on 2 cores; its first epoch about 75%)
+    assert 0.7 < m["identity_baseline_cos"] < 0.8 and m["gain"] > 0.05 and m["fraction_of_oracle_gap"] > 0.5, m
+    assert "overfitting" not in (out / "report" / "report.md").read_text().lower()
     assert "baseline" in (out / "report" / "report.md").read_text()
 
 
