@@ -9,6 +9,13 @@ time; on a shared machine the CPU-time figure is the steadier one.
 (b) the same data as in-memory torch tensors, a shuffled index gathered per batch
     with index_select (what an in-memory shuffled loader does, at its fastest); (c) the naive WebDataset layout,
     one tar sample per data sample with .npy members, decoded by webdataset and batched.
+
+Then the worker scaling (``--workers``, default 0,1,2,4): TrainStream as the trainer builds it, with that many
+DataLoader worker processes, pinned memory when CUDA is available and each batch copied to the GPU with
+non_blocking=True (then one synchronisation at the end), as the training loop does. Timed from the first
+batch (the workers' start-up, printed apart, excluded); per worker count: samples/s, the training process's
+own CPU time per batch (unpacking, the pin-memory thread and the copies; the workers' CPU is not in it), the
+workers' CPU time per batch, the ratio to (b), and the rate those CPU times allow on free cores.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -81,6 +89,54 @@ def loader_run(shard_set: shards.ShardSet, batch_size: int):
     return run
 
 
+def stream_into_process(shard_set: shards.ShardSet, batch_size: int, workers: int, repeats: int) -> dict:
+    """TrainStream with ``workers`` worker processes feeding this process (and the GPU, when there is one).
+
+    Returns medians over ``repeats`` epochs: samples/s from the first batch on, this process's CPU seconds
+    per batch over the same span, the workers' CPU seconds per batch (their whole life, start-up included;
+    counted once they are joined at the epoch's end) and the seconds until the first batch (worker start-up).
+    """
+    cuda = torch.cuda.is_available()
+    n_batches = shard_set.n_samples("train") // batch_size
+    stream = TrainStream(
+        shard_set,
+        "train",
+        batch_size=batch_size,
+        batches_per_epoch=n_batches,
+        resampled=False,
+        num_workers=workers,
+        pin_memory=cuda,
+    )
+    device = torch.device("cuda" if cuda else "cpu")
+    rates, cpus, worker_cpus, starts = [], [], [], []
+    for _ in range(repeats):
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t_start = time.perf_counter()
+        done, t0, c0 = 0, None, None
+        for batch in stream:
+            if cuda:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if t0 is None:  # the first batch closes the start-up; timing starts here
+                t0, c0 = time.perf_counter(), time.process_time()
+                starts.append(t0 - t_start)
+                continue
+            done += len(batch["identity"])
+        if cuda:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers are joined when the epoch ends
+        rates.append(done / wall)
+        cpus.append(cpu / max(done // batch_size, 1))
+        worker_cpus.append((after.ru_utime + after.ru_stime - kids.ru_utime - kids.ru_stime) / n_batches)
+    return {
+        "samples_per_s": statistics.median(rates),
+        "cpu_s_per_batch": statistics.median(cpus),
+        "worker_cpu_s_per_batch": statistics.median(worker_cpus),
+        "startup_s": statistics.median(starts),
+        "batches": n_batches,
+    }
+
+
 def memory_run(arrays: dict[str, np.ndarray], batch_size: int):
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     n = len(tensors["identity"])
@@ -136,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="8192 samples, 1024 naive, 2 repeats")
+    p.add_argument("--workers", default="0,1,2,4", help="worker counts of the scaling (default 0,1,2,4)")
     p.add_argument(
         "--threads",
         type=int,
@@ -167,9 +224,43 @@ def main(argv: list[str] | None = None) -> int:
             wall, cpu, n = timed(run, args.repeats)
             rates[name] = (n / wall, n / cpu)
             print(f"{name:44s} {n / wall:>12,.0f} samples/s wall   {n / cpu:>12,.0f} samples/s cpu   ({n} samples)")
-    a, b, c = rates.values()
-    print(f"ratio a/b: {a[0] / b[0]:.2f} wall, {a[1] / b[1]:.2f} cpu")
-    print(f"ratio a/c: {a[0] / c[0]:.1f} wall, {a[1] / c[1]:.1f} cpu")
+        a, b, c = rates.values()
+        print(f"ratio a/b: {a[0] / b[0]:.2f} wall, {a[1] / b[1]:.2f} cpu")
+        print(f"ratio a/c: {a[0] / c[0]:.1f} wall, {a[1] / c[1]:.1f} cpu")
+        cuda = torch.cuda.is_available()
+        where = (
+            f"into {torch.cuda.get_device_name(0)} (pinned memory, non_blocking copies)"
+            if cuda
+            else "(no CUDA: no pinning, no copy)"
+        )
+        counts = [int(w) for w in args.workers.split(",")]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        print(
+            f"worker scaling: TrainStream into this process {where}, exact epoch, batch {args.batch_size}, "
+            f"{args.repeats} repeats, timed from the first batch; {cores} usable cores"
+        )
+        first = f"x {counts[0]} workers"
+        print(
+            f"{'workers':>7} {'samples/s':>12} {'x (b)':>7} {first:>12} {'own CPU ms/batch':>17} "
+            f"{'workers CPU ms/batch':>21} {'start-up s':>11} {'free-core bound':>16}"
+        )
+        base = None
+        for workers in counts:
+            r = stream_into_process(shard_set, args.batch_size, workers, args.repeats)
+            base = base or r["samples_per_s"]
+            # what CPU time allows with a core for this process and each worker: the slower side sets the pace
+            per_batch = max(r["cpu_s_per_batch"], r["worker_cpu_s_per_batch"] / workers if workers else 0.0)
+            print(
+                f"{workers:>7} {r['samples_per_s']:>12,.0f} {r['samples_per_s'] / b[0]:>7.2f} "
+                f"{r['samples_per_s'] / base:>12.2f} {1000 * r['cpu_s_per_batch']:>17.2f} "
+                f"{1000 * r['worker_cpu_s_per_batch']:>21.2f} {r['startup_s']:>11.2f} "
+                f"{args.batch_size / per_batch:>16,.0f}",
+                flush=True,
+            )
+        print(
+            "free-core bound: batch / max(own CPU per batch, workers' CPU per batch / workers), samples/s: the rate "
+            "CPU time allows when this process and every worker have a core of their own (a bound, not a measurement)"
+        )
     return 0
 
 

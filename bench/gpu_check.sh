@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# GPU check: the xl config (768-dim, 8 layers, 16 heads, batch 128) under DeepSpeed ZeRO-2 on one NVIDIA GPU,
-# fp16 then bf16, STEPS optimizer steps each. Prints per precision: samples/s, peak GPU memory, skipped (fp16
-# overflow) steps and model FLOP utilisation. Under 5 minutes once .venv exists (launch/setup.sh then only checks;
-# a first set-up also downloads the CUDA build of torch).
+# GPU check, one call: bench/bench_gpu.py on one NVIDIA GPU. The xl preset at batch 128, 1024 and 8192: bare
+# loop (eager, compiled), dist-train one process, ZeRO-2 fp16 and bf16, ZeRO-3, each with and without --compile;
+# one table of samples/s, ratio to the bare loop, MFU, peak memory and skipped steps; under 6 minutes
+# (--budget-s 330: the rows that do not fit are skipped, most important first, and listed). See bench/GPU_CHECK.md.
 #   bash bench/gpu_check.sh
-#   STEPS=500 GPU=1 PEAK_TFLOPS=989 bash bench/gpu_check.sh
-# STEPS (300), LOG_EVERY (20), GPU (nvidia-smi index, 0), TIMEOUT_S per run (110), PEAK_TFLOPS (dense fp16/bf16
-# tensor peak; looked up from the GPU name when unset), WORK (a new temporary directory by default).
-# Exit: 0 all runs reported, 1 a run failed, 2 no NVIDIA GPU (nothing is set up or run).
+#   PYTHON=python3 bash bench/gpu_check.sh               # an existing interpreter (air-gapped node): no set-up
+#   bash bench/gpu_check.sh --batches 128 --modes bare,one,zero2   # any bench_gpu.py option passes through
+# PYTHON: used as is when torch, accelerate, deepspeed, webdataset, tensorboard and dist_train import with it;
+#   else .venv/bin/python when they import there; else `bash launch/setup.sh` makes .venv (needs a package index).
+# GPU (CUDA index in nvidia-smi order, 0), BUDGET_S (330), PEAK_TFLOPS (dense fp16/bf16 peak; from the GPU name
+# when unset), OUT (when set: bench_gpu.json, bench_gpu.txt and bench_gpu_logs.tar.gz, the dist-train rows' logs).
+# Exit: 0 every row that ran reported, 1 a row failed or the environment is unusable, 2 no NVIDIA GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   echo "gpu_check: no NVIDIA GPU: nvidia-smi is not installed. Run this on a machine with an NVIDIA GPU and driver;" \
-    "on CPU use bench/bench_trainer.py." >&2
+    "on CPU use bench/bench_trainer.py (or bench/bench_gpu.py --tiny)." >&2
   exit 2
 fi
 if ! gpus=$(nvidia-smi -L 2>&1) || [ -z "$gpus" ]; then
@@ -22,83 +25,57 @@ if ! gpus=$(nvidia-smi -L 2>&1) || [ -z "$gpus" ]; then
   exit 2
 fi
 
-STEPS=${STEPS:-300}
-LOG_EVERY=${LOG_EVERY:-20}
 GPU=${GPU:-0}
-TIMEOUT_S=${TIMEOUT_S:-110}
-BATCH=128 # the xl preset's micro batch
+BUDGET_S=${BUDGET_S:-330}
 started=$SECONDS
 export CUDA_DEVICE_ORDER=PCI_BUS_ID # CUDA numbers GPUs as nvidia-smi does
+export CUDA_VISIBLE_DEVICES=$GPU
+export DS_ACCELERATOR=cuda # DeepSpeed's accelerator detection can pick another one on some nodes
 echo "gpu_check: $(echo "$gpus" | sed -n "$((GPU + 1))p")"
 
-bash launch/setup.sh
-WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
-mkdir -p "$WORK"
-poll=""
-trap '[ -n "$poll" ] && kill "$poll" 2>/dev/null; true' EXIT
-.venv/bin/dist-train synth --out "$WORK/shards" --n-identities 2000 >"$WORK/synth.log"
-
-failed=0
-for precision in fp16 bf16; do
-  run="$WORK/run-$precision"
-  mkdir -p "$run"
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$GPU" >"$run/memory-before.txt"
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$GPU" -lms 200 >"$run/memory.txt" &
-  poll=$!
-  echo "gpu_check: $precision: $STEPS steps, log in $run/train.log"
-  status=0
-  CUDA_VISIBLE_DEVICES=$GPU timeout "$TIMEOUT_S" .venv/bin/accelerate launch --use_deepspeed \
-    --deepspeed_config_file "configs/deepspeed/zero2-$precision.json" --num_processes 1 \
-    -m dist_train train --config xl --data_dir "$WORK/shards" --output_dir "$run" --max_steps "$STEPS" \
-    --log_every_steps "$LOG_EVERY" --samples_per_epoch $((STEPS * BATCH * 2)) --eval_max_samples 1024 \
-    --early_stopping_patience 0 >"$run/train.log" 2>&1 || status=$?
-  kill "$poll" 2>/dev/null || true
-  wait "$poll" 2>/dev/null || true
-  poll=""
-  if [ "$status" -ne 0 ]; then
-    echo "gpu_check: $precision run failed (exit $status$([ "$status" -eq 124 ] && echo ", timed out after ${TIMEOUT_S}s"));" \
-      "its error lines and last lines ($run/train.log):" >&2
-    grep -m 3 "error" "$run/train.log" >&2 || true
-    tail -n 12 "$run/train.log" >&2
-    failed=1
-    continue
+IMPORTS="import torch, accelerate, deepspeed, webdataset, tensorboard, dist_train"
+py=""
+if [ -n "${PYTHON:-}" ]; then
+  if why=$("$PYTHON" -c "$IMPORTS" 2>&1); then
+    py=$PYTHON
+  else
+    echo "gpu_check: PYTHON=$PYTHON lacks a module (${why##*$'\n'}); trying .venv, then launch/setup.sh" >&2
   fi
-  .venv/bin/python - "$run" "$precision" "$BATCH" "$GPU" <<'EOF' || failed=1
-"""Read one run's TensorBoard log and nvidia-smi samples; print its figures."""
-import os
-import subprocess
-import sys
-from pathlib import Path
+fi
+if [ -z "$py" ] && [ -x .venv/bin/python ] && .venv/bin/python -c "$IMPORTS" 2>/dev/null; then
+  py=.venv/bin/python
+fi
+if [ -z "$py" ]; then
+  if ! bash launch/setup.sh; then
+    echo "gpu_check: launch/setup.sh failed. On a node without a package index bring wheels and run with" \
+      "PYTHON=python3 (bench/GPU_CHECK.md, ../shared/reference/integration-pitfalls.md §7)." >&2
+    exit 1
+  fi
+  py=.venv/bin/python
+fi
+# the check needs a CUDA build of torch that sees the GPU
+if ! cuda=$("$py" -c "import torch; assert torch.cuda.is_available(), torch.__version__; print(torch.__version__)" \
+  2>&1) && [ -z "${GPU_CHECK_ALLOW_CPU:-}" ]; then
+  echo "gpu_check: $py: torch cannot use the GPU (${cuda##*$'\n'}); a CPU build of torch, or CUDA_VISIBLE_DEVICES" \
+    "hides it. Install the CUDA build (bench/GPU_CHECK.md)." >&2
+  exit 1
+fi
+VERSIONS='import sys, torch, deepspeed; print("python", sys.version.split()[0], "torch", torch.__version__, "deepspeed", deepspeed.__version__)'
+echo "gpu_check: $py ($("$py" -c "$VERSIONS" 2>/dev/null)), ready after $((SECONDS - started)) s"
 
-sys.path.insert(0, "bench")
-from bench_trainer import tb_steps_per_s, train_flops_per_sample  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-
-from dist_train.config import load_run_config  # noqa: E402
-from dist_train.metrics import TRAIN_TAGS  # noqa: E402
-
-# Dense fp16/bf16 tensor-core peak, TFLOP/s (vendor data sheets; SXM parts unless named).
-PEAKS = {"B200": 2250, "H200": 989, "GH200": 989, "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "A100": 312,
-         "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10": 125, "A30": 165, "V100": 125, "T4": 65,
-         "RTX 4090": 165, "RTX 3090": 71, "RTX A6000": 155}
-run, precision, batch, gpu = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", gpu],
-                      capture_output=True, text=True, check=True).stdout.strip()
-peak = float(os.environ["PEAK_TFLOPS"]) if os.environ.get("PEAK_TFLOPS") else next(
-    (v for k, v in PEAKS.items() if k in name), None)
-samples_per_s = tb_steps_per_s(run) * batch
-ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0}).Reload()
-skipped = int(ea.Scalars(TRAIN_TAGS["skipped_steps"])[-1].value)
-steps = ea.Scalars(TRAIN_TAGS["samples_per_s"])[-1].step
-before = int((run / "memory-before.txt").read_text().split()[0])
-samples = [int(x) for x in (run / "memory.txt").read_text().split() if x.strip().isdigit()]
-peak_mib = max(samples, default=before) - before
-flops = train_flops_per_sample(load_run_config(run).model) * samples_per_s
-mfu = f"{flops / (peak * 1e12):.1%} of {peak:g} TFLOP/s" if peak else "n/a (unknown GPU; set PEAK_TFLOPS)"
-print(f"gpu_check: {precision} on {name}: {samples_per_s:,.0f} samples/s, peak GPU memory {peak_mib:,} MiB "
-      f"(nvidia-smi, incl. CUDA context), skipped steps {skipped}/{steps}, "
-      f"model FLOPs {flops / 1e12:.2f} TFLOP/s, MFU {mfu}")
-EOF
-done
-echo "gpu_check: finished in $((SECONDS - started)) s; runs in $WORK"
-exit "$failed"
+args=(--budget-s "$BUDGET_S")
+[ -n "${PEAK_TFLOPS:-}" ] && args+=(--peak-tflops "$PEAK_TFLOPS")
+status=0
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  logs=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_logs.XXXXXX")
+  "$py" bench/bench_gpu.py "${args[@]}" --json "$OUT/bench_gpu.json" --logs "$logs" "$@" 2>&1 |
+    tee "$OUT/bench_gpu.txt" || status=$?
+  # one archive: the device tool brings back at most 8 files
+  [ -n "$(ls -A "$logs")" ] && tar -czf "$OUT/bench_gpu_logs.tar.gz" -C "$logs" .
+  rm -rf "$logs"
+else
+  "$py" bench/bench_gpu.py "${args[@]}" "$@" || status=$?
+fi
+echo "gpu_check: finished in $((SECONDS - started)) s (exit $status)${OUT:+; table and rows in $OUT}"
+exit "$status"

@@ -1,5 +1,8 @@
 """The benchmarks run on a tiny size and print their figures and ratio lines; gpu_check.sh refuses without a GPU.
 
+bench_gpu.py --tiny (the GPU benchmark's table, on CPU) and gpu_check.sh's plumbing (a stub nvidia-smi, the
+interpreter given in PYTHON) run here too.
+
 Benchmarks are not tests of speed: these only check that each script runs end to
 end and that the figures it prints hold together. The four scripts start at once
 (module fixture) so the suite waits for the slowest, not for their sum.
@@ -126,12 +129,120 @@ def test_quality_benchmark_refuses_an_unknown_method():
     assert "unknown ['lasso']" in proc.stderr and "transformer-points" in proc.stderr
 
 
-def test_gpu_check_is_valid_bash_and_its_report_is_valid_python():
+GPU_COLUMNS = ["loop", "batch", "precision", "compile", "samples/s", "x bare", "MFU", "peak GiB", "skipped steps",
+               "row s", "note"]  # fmt: skip
+
+
+def gpu_table(out: str) -> list[dict[str, str]]:
+    """bench_gpu's markdown table: one dict per row, keyed by column."""
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    assert lines and [c.strip() for c in lines[0].strip("|").split("|")] == GPU_COLUMNS, out
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines[1:]]
+    assert all(len(r) == len(GPU_COLUMNS) for r in rows), rows
+    return [dict(zip(GPU_COLUMNS, r)) for r in rows]
+
+
+def test_gpu_benchmark_tiny_prints_one_table_of_the_whole_matrix(tmp_path):
+    """--tiny on CPU: every row of the matrix in the table; bf16 eager rows measured, fp16 and compile rows skipped."""
+    out, data = run_tiny("bench_gpu", tmp_path / "gpu.json")
+    table = gpu_table(out)
+    loops = ["bare loop", "dist-train, 1 process", "dist-train ZeRO-2", "dist-train ZeRO-3"]
+    # bare: bf16 and fp16; one process bf16; ZeRO-2 fp16 and bf16; ZeRO-3 bf16; each with and without compile
+    assert len(table) == 12 and {r["loop"].removesuffix(" --compile") for r in table} == set(loops)
+    assert len(data["rows"]) == 12 and data["tiny"] is True
+    ran = [r for r in table if r["samples/s"] != "skipped"]
+    assert {(r["loop"], r["precision"], r["compile"]) for r in ran} == {(name, "bf16", "no") for name in loops}, out
+    bare = next(r for r in ran if r["loop"] == "bare loop")
+    assert bare["x bare"] == "ref"
+    for r in ran:
+        rate = float(r["samples/s"].replace(",", ""))
+        assert rate > 0 and r["MFU"] == "n/a" and r["peak GiB"] == "n/a"  # CPU: no peak FLOP/s, no CUDA memory
+        skipped, total = map(int, r["skipped steps"].split("/"))
+        assert skipped == 0 and total == 12  # bf16: nothing skipped; 4 warm-up + 8 timed steps
+        if r is not bare:  # the ratio to the bare loop of the same batch, precision and compile setting
+            assert float(r["x bare"]) == pytest.approx(rate / float(bare["samples/s"].replace(",", "")), abs=0.011)
+    for r in table:
+        if r["precision"] == "fp16":
+            assert r["samples/s"] == "skipped" and r["note"] == "fp16 needs a GPU"
+        elif r["compile"] == "yes":
+            assert r["samples/s"] == "skipped" and r["note"].startswith("--tiny: no compile rows")
+    by_name = {row["name"]: row for row in data["rows"]}
+    assert by_name["zero2-bf16-b32"]["status"] == "ok" and by_name["zero2-fp16-b32"]["status"] == "skipped"
+    assert re.search(r"^skipped 8 of 12 rows: ", out, re.M)
+    assert "goals: not assessed" in out
+
+
+def test_gpu_benchmark_judges_each_goal_from_its_rows():
+    """The GPU-only part of bench_gpu's report (MFU, goals), on made-up rows: ratios and verdicts per row."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_gpu as g
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def ok(mode, batch, compiled, rate, mfu=None):
+        row = g.Row(mode, "bf16", batch, compiled)
+        return g.Result(row, status="ok", samples_per_s=rate, mfu=mfu, skipped_steps=0, total_steps=60, row_s=9.0)
+
+    results = [
+        ok("bare", 128, False, 5000), ok("one", 128, False, 4600), ok("zero2", 128, False, 4000),
+        ok("one", 128, True, 16000), ok("zero2", 128, True, 12000),
+        ok("bare", 8192, False, 54000, 0.15), ok("one", 8192, True, 130000, 0.36),
+        g.Result(g.Row("zero3", "bf16", 128, False), note="budget: ~35 s needed, 10 s left"),
+    ]  # fmt: skip
+    g.fill_ratios(results)
+    lines = g.goals(results, assessed=True)
+    # goal 1 compares eager with eager: the compiled rows (no compiled bare row here) are left out of it
+    assert lines[0].endswith("one-bf16-b128 0.92 met; zero2-bf16-b128 0.80 NOT met"), lines[0]
+    assert lines[1].endswith("one-bf16-b128-compile 16,000 met; zero2-bf16-b128-compile 12,000 NOT met"), lines[1]
+    assert "one-bf16-b8192-compile 36.0% met (bare loop: bare-bf16-b8192 15.0%)" in lines[2]
+    rows = {r["loop"] + " " + r["batch"]: r for r in gpu_table(g.table(results))}
+    assert rows["dist-train, 1 process --compile 128"]["x bare"] == "3.20"  # against the eager bare loop, said so
+    assert rows["dist-train, 1 process --compile 128"]["note"] == "x bare: vs eager bare"
+    assert rows["dist-train ZeRO-3 128"]["samples/s"] == "skipped" and rows["dist-train ZeRO-3 128"]["note"].startswith(
+        "budget"
+    )
+    assert g.peak_flops("NVIDIA H200", None) == 989e12 and g.peak_flops("NVIDIA A100-SXM4-80GB", None) == 312e12
+    assert g.peak_flops("NVIDIA H100 PCIe", None) == 756e12 and g.peak_flops("Some GPU", None) is None
+    assert g.goals(results, assessed=False) == [
+        "goals: not assessed (they are for the xl preset on a GPU; this run is not)"
+    ]
+
+
+def test_gpu_check_is_valid_bash_and_runs_bench_gpu_with_the_given_python(tmp_path):
+    """With PYTHON whose imports work, gpu_check.sh skips set-up and writes the table and JSON under $OUT.
+
+    A stub nvidia-smi stands for the GPU; GPU_CHECK_ALLOW_CPU lets the CPU build of torch through for this test.
+    """
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
-    script = (BENCH / "gpu_check.sh").read_text()
-    report = re.search(r"<<'EOF'.*?\n(.*?)\nEOF\n", script, re.S)
-    assert report, "the per-run report (a Python heredoc) is missing"
-    compile(report.group(1), "gpu_check.sh report", "exec")
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "GPU 0: NVIDIA H200 (UUID: GPU-stub)"\n')
+    fake.chmod(0o755)
+    out_dir = tmp_path / "out"
+    env = os.environ | {
+        "PATH": f"{fake.parent}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "OUT": str(out_dir),
+        "GPU_CHECK_ALLOW_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), "--tiny", "--modes", "bare"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_check: GPU 0: NVIDIA H200" in proc.stdout and "setup:" not in proc.stdout  # no set-up
+    assert f"gpu_check: {sys.executable} (python" in proc.stdout
+    table = gpu_table(proc.stdout)
+    assert len(table) == 4 and table[0]["loop"] == "bare loop"
+    rows = json.loads((out_dir / "bench_gpu.json").read_text())["rows"]
+    assert [r["status"] for r in rows if not r["compile"] and r["precision"] == "bf16"] == ["ok"]
+    assert "| loop | batch |" in (out_dir / "bench_gpu.txt").read_text()
 
 
 def test_gpu_check_refuses_cleanly_when_the_driver_is_unreachable(tmp_path):
