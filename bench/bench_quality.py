@@ -3,6 +3,8 @@
     python bench/bench_quality.py                       # 180 CPU-s per trained method
     python bench/bench_quality.py --budget-cpu-s 600    # issue 3's check: 10 minutes of training
     python bench/bench_quality.py --tiny                # seconds; a smoke test
+    python bench/bench_quality.py --family B            # the same on synth family B (not what the model was built on)
+    python bench/bench_quality.py --augment-comparison  # each augmentation alone, all, none (bench/AUGMENT_RESULTS.md)
 
 Data: a `dist-train synth` shard set split by identity into train / val / test
 (10% of the identities each for val and test). Every method trains on train,
@@ -26,6 +28,15 @@ workers): its step count is set from a short calibration (the median CPU time pe
 5 chunks of 8 steps, plus the trainer's measured overhead) so the learning-rate
 schedule ends inside the budget. The CPU seconds each method really used are
 printed beside its figures.
+
+--augment-comparison trains the --config preset through `train.train` on a small
+synth set (default family B, 3000 identities x 4 samples, 80/10/10) once per
+variant of AUGMENT_VARIANTS (none, each augmentation alone, all), for a fixed
+number of epochs without early stopping, and prints per variant the val/train
+loss ratio at the best epoch and at the end, the best val cos, and the best
+checkpoint's fraction of the baseline -> oracle gap closed on the test
+identities: on clean inputs and on inputs perturbed as TEST_PERTURBATIONS says
+(another landmark model's error, a missing part, embedding noise).
 """
 
 from __future__ import annotations
@@ -47,18 +58,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_train import augment as augment_mod
 from dist_train import config as config_mod
+from dist_train.config import AugmentConfig
 from dist_train.data.schema import EMB_DIM, YAW_BUCKETS
-from dist_train.data.shards import read_split
+from dist_train.data.shards import ShardSet, read_split
+from dist_train.data.synth import SynthParams, make_shard_set
 from dist_train.geometry import dream_yaw_gate
 from dist_train.losses import FrontalLoss
 from dist_train.metrics import quality
 from dist_train.model import ZeroInitLinear
+from dist_train.optim import build_optimizer
 from dist_train.schedule import lr_at
-from dist_train.train import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_trainer import BareLoop, cpu_seconds, load_average, make_synth, memory_batches, versions  # noqa: E402
+from bench_trainer import BareLoop, cpu_seconds, load_average, memory_batches, versions  # noqa: E402
 
 TRANSFORMERS = {
     "transformer": {},
@@ -223,9 +237,9 @@ def fit_transformer(
 ) -> tuple[np.ndarray, str]:
     """dist-train's own loop (`train.train`), stopped by step count; its best checkpoint (on val) predicts."""
     from dist_train.checkpoint import BEST_DIR, CONSOLIDATED, load_consolidated
+    from dist_train.loop import DONE
+    from dist_train.loop import train as run_training
     from dist_train.model import build_model
-    from dist_train.train import DONE
-    from dist_train.train import train as run_training
 
     # no early stop: like every method it uses its whole budget, and its best checkpoint on val is scored
     run = {"data_dir": str(data_dir), "output_dir": str(run_dir), "early_stopping_patience": 0}
@@ -291,6 +305,155 @@ def issue3_checks(scores: dict[str, dict]) -> None:
         print(f"issue 3, {name}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in checks.items()))
 
 
+# ---- augmentation comparison (--augment-comparison) ----------------------------------------------------
+
+# One setting per augmentation: "gentle" as the design notes ask (a fraction of the data's own pose error,
+# about a pixel, noise well below the embeddings' own, one sample in ten losing a part).
+AUGMENT_VARIANTS: dict[str, dict] = {
+    "none": {},
+    "pose-jitter": {"pose_jitter_deg": 2.0},
+    "landmark-jitter": {"landmark_jitter_px": 1.0},
+    "emb-noise": {"emb_noise": 0.005},
+    "part-drop": {"drop_part_prob": 0.1},
+}
+AUGMENT_VARIANTS["all"] = {k: v for d in AUGMENT_VARIANTS.values() for k, v in d.items()}
+
+
+def make_family(out: Path, family: str, n_identities: int, samples_per_identity: int) -> ShardSet:
+    """A `dist-train synth --family F` set, seed 0, identities split 80/10/10 into train/val/test."""
+    make_shard_set(
+        out,
+        SynthParams(n_identities=n_identities, samples_per_identity=samples_per_identity, family=family),
+        val_fraction=0.1,
+        test_fraction=0.1,
+    )
+    return ShardSet.open(out)
+
+
+# Test inputs perturbed as another landmark model, a missing part or another embedding extractor would:
+# the trained models are scored on these too (a fixed seed, the same perturbed inputs for every variant).
+TEST_PERTURBATIONS: dict[str, AugmentConfig] = {
+    "geometry": AugmentConfig(pose_jitter_deg=2.0, landmark_jitter_px=1.0),
+    "part missing": AugmentConfig(drop_part_prob=1.0),
+    "emb noise": AugmentConfig(emb_noise=0.005),
+}
+
+
+def perturbed_tests(test: dict) -> dict[str, dict]:
+    """The test split as it is ("clean") and under each of TEST_PERTURBATIONS."""
+    out = {"clean": test}
+    for name, cfg in TEST_PERTURBATIONS.items():
+        batch = {k: torch.from_numpy(np.asarray(test[k], np.float32)) for k in augment_mod.AUGMENTED_FIELDS}
+        changed = augment_mod.augment(batch, cfg, torch.Generator().manual_seed(0))
+        out[name] = test | {k: v.numpy() for k, v in changed.items()}
+    return out
+
+
+def run_variant(preset: str, overrides: dict, data_dir: Path, run_dir: Path, epochs: int, tests: dict) -> dict:
+    """One `train.train` run (no early stop), its per-epoch curve, and its best checkpoint scored on test."""
+    from dist_train.checkpoint import BEST_DIR, CONSOLIDATED, load_consolidated
+    from dist_train.loop import train as run_training
+    from dist_train.model import build_model
+
+    values = config_mod.load_yaml(preset) | overrides
+    values |= {"data_dir": str(data_dir), "output_dir": str(run_dir), "epochs": epochs, "early_stopping_patience": 0}
+    cfg = config_mod.build(values)
+    cpu = cpu_seconds()
+    if run_training(cfg) != 0:  # the loop applies the augmentation (training batches only)
+        raise RuntimeError(f"dist-train exited non-zero; see {run_dir}")
+    cpu = cpu_seconds() - cpu
+    curve = [json.loads(p.read_text()) for p in sorted((run_dir / "metrics").glob("eval-step*.json"))]
+    state_dict, _, meta = load_consolidated(run_dir / BEST_DIR / CONSOLIDATED)
+    model = build_model(cfg.model)
+    model.load_state_dict(state_dict)
+    scores = {}
+    for name, t in tests.items():  # the baseline and oracle stay those of the clean inputs
+        clean = tests["clean"]
+        scores[name] = quality(
+            predict(model, t), clean["tgt_emb"], clean["src_emb"], clean["src_pose"][:, 1], clean["identity"],
+            clean["oracle_emb"],
+        )  # fmt: skip
+    best = max(curve, key=lambda m: m["mean_cos"])
+    return {
+        "augment": augment_mod.describe(cfg.augment),
+        "cpu_s": cpu,
+        "curve": [
+            {k: m.get(k) for k in ("epoch", "mean_cos", "loss", "train_loss", "val_train_loss_ratio")} for m in curve
+        ],
+        "best_epoch": best["epoch"],
+        "best_val_cos": best["mean_cos"],
+        "ratio_at_best": best.get("val_train_loss_ratio"),
+        "final_val_cos": curve[-1]["mean_cos"],
+        "final_ratio": curve[-1].get("val_train_loss_ratio"),
+        "best_step": meta["step"],
+        "test": scores,
+    }
+
+
+def augment_table(results: dict[str, dict], epochs: int) -> str:
+    """The comparison as a Markdown table (also printed)."""
+    perturbed = list(TEST_PERTURBATIONS)
+    head = (
+        "| augmentation | val/train loss at best | at the end | best val cos (epoch) | val cos at the end "
+        f"(epoch {epochs}) | test cos | test gap closed | " + " | ".join(f"gap, {p}" for p in perturbed) + " | CPU s |"
+    )
+    lines = [head, "|---" * (8 + len(perturbed)) + "|"]
+
+    def fmt(x, spec=".3f"):
+        return "—" if x is None else format(x, spec)
+
+    for name, r in results.items():
+        gaps = " | ".join(f"{r['test'][p]['fraction_of_oracle_gap']:.3f}" for p in perturbed)
+        lines.append(
+            f"| {name} ({r['augment']}) | {fmt(r['ratio_at_best'], '.2f')} | {fmt(r['final_ratio'], '.2f')} | "
+            f"{r['best_val_cos']:.4f} ({r['best_epoch']:.0f}) | {r['final_val_cos']:.4f} | "
+            f"{r['test']['clean']['mean_cos']:.4f} | **{r['test']['clean']['fraction_of_oracle_gap']:.3f}** | "
+            f"{gaps} | {r['cpu_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def augment_comparison(args: argparse.Namespace) -> int:
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(AUGMENT_VARIANTS))
+    if unknown or not variants:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(AUGMENT_VARIANTS)}")
+    print(versions())
+    print(
+        f"augmentation comparison: config {args.config}, family {args.family}, {args.n_identities} identities x "
+        f"{args.samples_per_identity}, {args.epochs} epochs, no early stop; {args.threads} thread(s); load average "
+        f"{load_average()}; augmentation applied by the training loop"
+    )
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_augment_") as tmp:
+        tmp = Path(tmp)
+        shard_set = make_family(tmp / "synth", args.family, args.n_identities, args.samples_per_identity)
+        tests = perturbed_tests(read_split(shard_set, "test"))
+        for name in variants:
+            results[name] = run_variant(
+                args.config, AUGMENT_VARIANTS[name], shard_set.root, tmp / name, args.epochs, tests
+            )
+            r = results[name]
+            print(
+                f"done: {name} ({r['cpu_s']:.0f} CPU-s): best val cos {r['best_val_cos']:.4f} at epoch "
+                f"{r['best_epoch']:.0f}, test gap closed {r['test']['clean']['fraction_of_oracle_gap']:.3f}",
+                flush=True,
+            )
+    q = next(iter(results.values()))["test"]["clean"]
+    print(f"load average after: {load_average()}")
+    print(
+        f"test split: {q['n']} samples of held-out identities; baseline cos {q['identity_baseline_cos']:.4f}, "
+        f"oracle cos {q['oracle_cos']:.4f}"
+    )
+    print(augment_table(results, args.epochs))
+    print("val cos per epoch:")
+    for name, r in results.items():
+        print(f"  {name:<16}" + " ".join(f"{m['mean_cos']:.4f}" for m in r["curve"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="debug-cpu", help="preset for the transformers and DREAM's training settings")
@@ -299,14 +462,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--n-identities",
         type=int,
-        default=8000,
-        help="synth identities (default 8000; with 2000 the transformers memorise the 1600 training identities)",
+        default=None,
+        help="synth identities (default 8000; with 2000 the transformers memorise the 1600 training identities; "
+        "3000 for --augment-comparison)",
     )
-    p.add_argument("--samples-per-identity", type=int, default=16, help="synth samples per identity (default 16)")
+    p.add_argument(
+        "--samples-per-identity",
+        type=int,
+        default=None,
+        help="synth samples per identity (default 16; 4 for --augment-comparison)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--json", default=None, help="also write every method's metrics here")
     p.add_argument("--tiny", action="store_true", help="80 identities x 8 samples, 1 CPU-s per method")
+    p.add_argument(
+        "--family",
+        choices=("A", "B"),
+        default=None,
+        help="dist-train synth --family (default A; B for --augment-comparison)",
+    )
+    g = p.add_argument_group("augmentation comparison (--augment-comparison; --n-identities default 3000 there)")
+    g.add_argument("--augment-comparison", action="store_true", help="each augmentation alone, all, none")
+    g.add_argument("--epochs", type=int, default=16, help="epochs per run, no early stop (default 16)")
+    g.add_argument("--variants", default=",".join(AUGMENT_VARIANTS), help="comma-separated subset")
     args = p.parse_args(argv)
+    if args.augment_comparison:
+        args.n_identities = args.n_identities or 3000
+        args.family = args.family or "B"
+        args.samples_per_identity = args.samples_per_identity or 4
+        if args.tiny:
+            args.n_identities, args.samples_per_identity, args.epochs = 60, 4, 2
+        torch.set_num_threads(args.threads)
+        return augment_comparison(args)
+    args.n_identities = args.n_identities or 8000
+    args.family = args.family or "A"
+    args.samples_per_identity = args.samples_per_identity or 16
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
@@ -318,12 +508,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(versions())
     print(
-        f"config {args.config}; budget {args.budget_cpu_s:g} CPU-s per trained method; {args.threads} thread(s); "
+        f"config {args.config}; synth family {args.family}, {args.n_identities} identities x {samples_per_identity}; "
+        f"budget {args.budget_cpu_s:g} CPU-s per trained method; {args.threads} thread(s); "
         f"load average {load_average()}"
     )
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         tmp = Path(tmp)
-        shard_set = make_synth(tmp / "synth", args.n_identities, samples_per_identity, test_fraction=0.1)
+        shard_set = make_family(tmp / "synth", args.family, args.n_identities, samples_per_identity)
         train, val, test = (read_split(shard_set, s) for s in ("train", "val", "test"))
         cfg = config_mod.build(config_mod.load_yaml(args.config) | {"data_dir": str(shard_set.root)})
         fits = {

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dist_train import cli
+from dist_train import augment, cli
 from dist_train import config as config_mod
 from dist_train.checkpoint import (
     Checkpointer,
@@ -227,8 +227,11 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
         trace_rows=cfg.log.trace_rows,
         pin_memory=acc.device.type == "cuda",
         weights=cfg.data.data_weights,
+        transient=True,  # a batch is dropped once its micro step is done
     )
     trace = RowTrace(run_dir, rt.rank, state.step) if cfg.log.trace_rows else None
+    # training-time augmentation, seeded per (seed, rank, step, micro batch): a resumed run draws the same noise
+    noise = torch.Generator(device=acc.device) if augment.enabled(cfg.augment) else None
     loader_base = LoaderStats(**state.loader)  # counted by earlier processes of this run
     print(
         f"[rank {rt.rank}/{rt.world_size}] device {acc.device}, {rt.precision}, "
@@ -238,7 +241,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     acc.print(
         f"dist-train: micro batch {plan.micro_batch} x accumulation {plan.accumulation} x world {plan.world_size} "
         f"= global batch {plan.global_batch}; {spe} steps/epoch, {total_steps} steps; "
-        f"{acc.unwrap_model(model).describe()}"
+        f"{acc.unwrap_model(model).describe()}; augmentation: {augment.describe(cfg.augment)}"
     )
 
     def progress() -> int:  # position in the plan's epochs (== step unless a resume changed the global batch)
@@ -265,7 +268,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
         checkpointer.save(state)
 
     # ---- the loop -----------------------------------------------------------------------------
-    outcome, diverged_at = "finished", None
+    outcome, diverged_at, micro = "finished", None, 0
     try:
         while progress() < total_steps and outcome == "finished":
             epoch = progress() // spe
@@ -274,6 +277,10 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
                 if trace:
                     trace.write(state.step + 1, epoch, batch["row"])
                 batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                if noise is not None:
+                    augment.seed_generator(noise, cfg.train.seed, rt.rank, state.step, micro)
+                    batch = augment.augment(batch, cfg.augment, noise)
+                micro += 1
                 with acc.accumulate(model):
                     if acc.sync_gradients:  # the window's last micro batch: DeepSpeed steps inside backward
                         stepper.set_lr()
@@ -287,7 +294,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
                     stats.boundary(*stepper.boundary())
 
                 # ---- one optimizer step done (or skipped) on every rank ----
-                state.step += 1
+                state.step, micro = state.step + 1, 0
                 state.samples_seen += plan.global_batch
                 last = progress() >= total_steps
                 epoch_end = progress() % spe == 0 or last

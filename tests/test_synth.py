@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,17 @@ import pytest
 from dist_train.data.schema import YAW_BUCKETS, yaw_bucket_index
 from dist_train.data.shards import ShardSet, read_split
 from dist_train.data.splits import split_rows
-from dist_train.data.synth import CHUNK_IDENTITIES, Distortion, SynthParams, generate, make_shard_set, split_summary
+from dist_train.data.synth import (
+    CHUNK_IDENTITIES,
+    Distortion,
+    DistortionB,
+    FamilyB,
+    SynthParams,
+    face_pose,
+    generate,
+    make_shard_set,
+    split_summary,
+)
 from dist_train.data.synth import main as synth_main
 from dist_train.geometry import pose_from_landmarks, rotation_matrices
 from dist_train.metrics import row_cos
@@ -129,3 +140,95 @@ def test_splits_are_the_shared_splitter_s_on_the_generated_rows(small_shards):
     assert list(rows) == ss.splits
     for split in ss.splits:
         np.testing.assert_array_equal(read_split(ss, split)["identity"], identity[rows[split]])
+
+
+# ---- family B ------------------------------------------------------------------------------------------
+
+
+def _family_b(n_identities: int = 300, samples: int = 8, seed: int = 11) -> dict[str, np.ndarray]:
+    return generate(SynthParams(n_identities=n_identities, samples_per_identity=samples, seed=seed, family="B"))
+
+
+def test_family_b_is_deterministic_and_built_differently_from_a():
+    p = SynthParams(n_identities=CHUNK_IDENTITIES + 5, samples_per_identity=1, seed=3, family="B")
+    a, b = generate(p), generate(p)
+    c = generate(dataclasses.replace(p, family="A"))
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), name
+        if name != "identity":
+            assert not np.array_equal(a[name], c[name]), name
+    with pytest.raises(ValueError, match="family"):
+        generate(dataclasses.replace(p, family="C"))
+
+
+def test_family_b_distortion_is_exactly_invertible_nonlinear_and_identity_dependent():
+    p = SynthParams(seed=7, family="B")
+    d = DistortionB.from_params(p, FamilyB())
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((400, 512)).astype(np.float32)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    pose = np.tile(np.array([[5.0, 60.0, 0.0]], np.float32), (400, 1))
+    y = d.apply(z, pose)
+    np.testing.assert_allclose(d.invert(y, pose), z, atol=2e-4)
+    np.testing.assert_allclose(d.invert(3.0 * y, pose), z, atol=2e-4)  # reads only the direction
+    level = np.zeros((2, 3), np.float32)
+    np.testing.assert_allclose(d.apply(z[:2], level), z[:2], atol=1e-6)  # frontal, level head: no change
+    # identity-dependent: at one pose each identity's planes turn by different angles
+    theta = d.angles(z, pose)
+    assert theta.std(axis=0).mean() > 0.1
+    # nonlinear in yaw: 30 deg turns the planes by far less than half of what 60 deg does
+    half = d.angles(z, pose * np.float32([1, 0.5, 1]) - np.float32([5, 0, 0]))
+    assert np.abs(half).mean() < 0.4 * np.abs(d.angles(z, pose - np.float32([5, 0, 0]))).mean()
+    # the profile drift: same-side profiles of different identities are more alike than frontal ones
+    far = d.apply(z, np.tile(np.float32([[0, 85, 0]]), (400, 1)))
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    cos = far @ far.T
+    assert cos[np.triu_indices(400, 1)].mean() > 0.1 > np.abs((z @ z.T)[np.triu_indices(400, 1)].mean())
+
+
+def test_family_b_calibration_oracle_and_impostor_structure():
+    a = _family_b()
+    s = split_summary(a)
+    assert 0.74 <= s["identity_baseline_cos"] <= 0.82
+    assert 0.90 <= s["oracle_cos"] <= 0.95
+    baseline = [s["per_yaw"][b]["baseline"] for b in YAW_BUCKETS]
+    assert all(x > y for x, y in zip(baseline, baseline[1:])), baseline
+    assert all(s["per_yaw"][b]["oracle"] >= s["per_yaw"][b]["baseline"] for b in YAW_BUCKETS)
+    assert all(s["per_yaw"][b]["n"] > 0.03 * s["n_samples"] for b in YAW_BUCKETS)
+    # ArcFace-like impostors: positive on average, with a tail of look-alikes (same cluster)
+    tgt = a["tgt_emb"][::8].astype(np.float64)
+    cos = (tgt @ tgt.T)[np.triu_indices(len(tgt), 1)]
+    assert 0.04 < cos.mean() < 0.12 and np.percentile(cos, 99) > 0.2
+    # the oracle is (nearly) a ceiling: shrinking it toward the identities' mean direction gains < 0.002
+    mean_dir = a["tgt_emb"].astype(np.float64).mean(0)
+    for c in (0.05, 0.1):
+        shrunk = a["oracle_emb"] + c * mean_dir / np.linalg.norm(mean_dir)
+        assert row_cos(shrunk, a["tgt_emb"]).mean() < s["oracle_cos"] + 0.002
+    # photo noise is heavy-tailed: frontal samples' baseline cos has a long low tail
+    frontal = np.abs(a["src_pose"][:, 1]) < 15
+    base = row_cos(a["src_emb"][frontal], a["tgt_emb"][frontal])
+    assert np.percentile(base, 50) - np.percentile(base, 1) > 3 * (np.percentile(base, 99) - np.percentile(base, 50))
+
+
+def test_family_b_pose_is_face_pose_of_its_landmarks():
+    a = _family_b(n_identities=60, samples=5)
+    pose = a["src_pose"]
+    np.testing.assert_allclose(face_pose(a["src_kps"]), pose, atol=1e-3)
+    recovered = pose_from_landmarks(a["src_kps"])  # InsightFace's own code, sample by sample
+    r = np.einsum("nij,nij->n", rotation_matrices(pose), rotation_matrices(recovered))
+    assert np.degrees(np.arccos(np.clip((r - 1) / 2, -1, 1))).max() < 0.01
+    kps = a["src_kps"]
+    assert kps[..., :2].min() >= 0 and kps[..., :2].max() <= 640
+    width = kps[:, :, 0].max(1) - kps[:, :, 0].min(1)
+    assert width.max() > 150 and width.min() > 15
+    assert np.abs(pose[:, 1]).max() > 75 and (np.abs(pose[:, 1]) < 15).mean() > 0.1
+
+
+def test_cli_family_b_records_the_family_and_its_constants(tmp_path):
+    out = tmp_path / "b"
+    assert synth_main(["--out", str(out), "--n-identities", "30", "--samples-per-identity", "3", "--family", "B"]) == 0
+    prov = json.loads((out / "index.json").read_text())["provenance"]
+    assert prov["params"]["family"] == "B"
+    assert prov["family_b"] == json.loads(json.dumps(dataclasses.asdict(FamilyB())))
+    a = read_split(ShardSet.open(out), "train")
+    assert row_cos(a["oracle_emb"], a["tgt_emb"]).mean() > row_cos(a["src_emb"], a["tgt_emb"]).mean() + 0.05
