@@ -106,6 +106,7 @@ def stream_into_process(shard_set: shards.ShardSet, batch_size: int, workers: in
         resampled=False,
         num_workers=workers,
         pin_memory=cuda,
+        transient=True,  # as the trainer: each batch is dropped before the next few are taken
     )
     device = torch.device("cuda" if cuda else "cpu")
     rates, cpus, worker_cpus, starts = [], [], [], []

@@ -207,6 +207,7 @@ def stream_batches(cfg: config_mod.Config, shard_set: ShardSet, steps: int):
         shuffle_blocks=cfg.data.shuffle_blocks,
         num_workers=cfg.data.num_workers,
         fields=INPUTS,
+        transient=True,  # as in the trainer
     )
     return iter(stream)
 

@@ -314,18 +314,48 @@ def _batch_layout(fields: tuple[str, ...], rows: int) -> tuple[list[tuple], int]
     return out, offset
 
 
+_RING_SLOTS = 8  # > the batches a worker may have in flight (the DataLoader asks 2 ahead) + those the trainer holds
+
+
+class _Ring:
+    """Batch buffers in shared memory that one DataLoader worker reuses round robin.
+
+    torch puts every tensor a worker returns into a fresh shared-memory segment (creating and faulting in its
+    pages: most of a worker's time per batch, BENCHMARKS.md §2); a tensor already in shared memory goes by
+    handle, and the receiving process maps each segment once (torch caches it). A slot is written again only
+    after the DataLoader has asked for _RING_SLOTS more batches; by then the receiving side has copied it out
+    (pinning copies it anyway; otherwise `TrainStream` copies: a memcpy, far cheaper than a new segment).
+    """
+
+    def __init__(self):
+        self.slots: dict[int, torch.Tensor] = {}
+        self.turn = 0
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        slot, self.turn = self.turn % _RING_SLOTS, self.turn + 1
+        buf = self.slots.get(slot)
+        if buf is None or buf.numel() != nbytes:
+            buf = self.slots[slot] = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+        return buf
+
+
+_ring = _Ring()  # per process: each DataLoader worker has its own (workers are fresh processes per epoch)
+
+
 def _pack(rows: dict[str, np.ndarray], report: np.ndarray, fields: tuple[str, ...]) -> tuple[torch.Tensor, int]:
     """A batch in compute dtypes plus the worker's counters, in one uint8 tensor (one hand-off between processes)."""
     n = len(rows[fields[0]])
     layout, nbytes = _batch_layout(fields, n)
-    buf = np.empty(nbytes, np.uint8)
+    in_worker = torch.utils.data.get_worker_info() is not None
+    packed = _ring.buffer(nbytes) if in_worker else torch.empty(nbytes, dtype=torch.uint8)
+    buf = packed.numpy()
     for name, dtype, shape, offset, size in layout:
         view = buf[offset : offset + size].view(dtype).reshape(shape)
         if name:
             widen(name, rows[name], out=view)
         else:
             view[:] = report
-    return torch.from_numpy(buf), n
+    return packed, n
 
 
 def _unpack(packed: tuple[torch.Tensor, int], fields: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -488,6 +518,8 @@ class TrainStream:
     apart; ``weights``: each set's share of the rows drawn, resampled mode), or
     local shard files (paths, globs, brace ranges). ``trace_rows`` adds a ``row``
     column: each row's number in the (combined) split, for checking what a run read.
+    ``transient``: the caller drops each batch before taking the next few (as the trainer does), so batches
+    from workers may stay views of the workers' reused buffers instead of copies.
     """
 
     def __init__(
@@ -507,6 +539,7 @@ class TrainStream:
         trace_rows: bool = False,
         pin_memory: bool = False,
         weights: Sequence[float] | None = None,
+        transient: bool = False,
     ):
         _check_positive(batch_size=batch_size, batches_per_epoch=batches_per_epoch)
         _check_rank(rank, world_size)
@@ -536,6 +569,7 @@ class TrainStream:
         self.batches_per_epoch = batches_per_epoch
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.transient = transient
         self.epoch = 0
         self.start_batch = 0
         self._plan = _Plan(
@@ -606,8 +640,12 @@ class TrainStream:
             batches = iter(loader)
         closed = False
         try:
+            # a worker's buffer is reused a few batches later (_Ring): take a copy unless pinning made one or the
+            # consumer lets go of each batch before it takes the next few (the trainer)
+            copy = self.num_workers > 0 and not self.pin_memory and not self.transient
             for left in range(len(self) - 1, -1, -1):
-                batch, report = _unpack(next(batches), plan.fields)
+                buf, n = next(batches)
+                batch, report = _unpack((buf.clone() if copy else buf, n), plan.fields)
                 self._live[report[0]] = report[1:]
                 if left == 0:  # counted before the last batch leaves: a loop may stop right after it
                     self._close_epoch(completed=True)
