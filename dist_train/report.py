@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train import cli
+from dist_train import augment, cli
 from dist_train import config as config_mod
 from dist_train.data.schema import YAW_BUCKETS
 from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
@@ -696,7 +696,10 @@ def diagnose_overfitting(run: Run, th: Thresholds) -> Finding | None:
         f"val/train loss ratio {tail:.2f} (median of the last {min(RATIO_TAIL, len(ratio))} evaluations, to epoch "
         f"{ep(epochs[-1])}), above {num(th.overfit_ratio)} first at epoch {ep(epochs[np.argmax(ratio > th.overfit_ratio)])}"
     )
-    rec = f"regularise: {regularise_flags(run)}; more data or gentle augmentation also helps"
+    rec = (
+        f"regularise: {regularise_flags(run)}; more identities or samples per identity help most (measured: "
+        "augmentation buys robustness to landmark error and missing parts, not val cos; bench/AUGMENT_RESULTS)"
+    )
     b = run.best()
     if b is not None and b["epoch"] < epochs[-1]:
         rec += f"; the best val cos was at epoch {ep(b['epoch'])}: export that checkpoint"
@@ -1016,6 +1019,7 @@ def summarize(run: Run) -> dict:
         "skipped_steps": last_value(run, TRAIN_TAGS["skipped_steps"]),
         "nonfinite_steps": last_value(run, TRAIN_TAGS["nonfinite_steps"]),
         "bad_samples": last_value(run, TRAIN_TAGS["bad_samples"]),
+        "augmentation": augment.describe(run.config.augment) if run.config else "unknown (no config.yaml)",
     }
 
 
@@ -1043,7 +1047,7 @@ def summary_line(name: str, s: dict) -> str:
     frr = s.get("frr_at_far_1e-3") or {}
     if any(v is not None for v in frr.values()):
         line += "; false-reject rate at FAR 1e-3: " + ", ".join(f"{k} {fmt(v)}" for k, v in frr.items())
-    return line
+    return line + f"; augmentation: {s['augmentation']}"
 
 
 def render_markdown(results: list[dict], plots: list[Path], th: Thresholds) -> str:

@@ -257,6 +257,7 @@ def test_threshold_flags_and_text_output(runs, tmp_path):
     assert "plateau" not in re.findall(r"\] (\w+):", text)
     assert "overfitting" not in text
     assert "best val cos 0.75" in text and (tmp_path / "report.md").is_file()
+    assert "augmentation: none" in text, "the report says which augmentations were on"
 
 
 def test_run_without_config_and_default_out_dir(runs, tmp_path):
