@@ -175,6 +175,8 @@ class Evaluator:
 
         acc = self.rt.accelerator
         stats = LoaderStats()
+        if self.rt.deepspeed_stage is None:  # eager and without DDP: no second (eval) compile, no collective
+            model = acc.unwrap_model(model, keep_torch_compile=False)
         rows = predict_sets(
             model,
             self.shard_sets,

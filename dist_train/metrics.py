@@ -230,6 +230,7 @@ TRAIN_TAGS = {
     "shard_errors": "train/shard_errors",
     "repeats": "train/repeats",  # rows read a second time within an epoch
     "dropped_tail": "train/dropped_tail",  # exact epochs: rows left out because they do not fill a global batch
+    "gpu_memory_gb": "train/gpu_memory_gb",  # peak CUDA memory allocated by this rank so far (CUDA only)
 }
 # Validation: `scalars(quality(...) | {"loss": ..., "val_train_loss_ratio": ...})`
 # gives val/mean_cos, val/identity_baseline_cos, val/gain, val/oracle_cos,

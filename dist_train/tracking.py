@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
 from dist_train.stepstats import Interval
@@ -69,6 +70,8 @@ class TrainLogger:
             "samples_seen": state.samples_seen,
         }
         values |= {k: getattr(loader, k) for k in LOADER_COUNTERS}
+        if torch.cuda.is_available():
+            values["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.pending, self.t0 = Interval(), now
         self.acc.log({TRAIN_TAGS[k]: v for k, v in values.items()}, step=state.step)
         if self.bar:
