@@ -4,7 +4,7 @@
     python bench/bench_quality.py --budget-cpu-s 600    # issue 3's check: 10 minutes of training
     python bench/bench_quality.py --tiny                # seconds; a smoke test
     python bench/bench_quality.py --family B            # the same on synth family B (not what the model was built on)
-    python bench/bench_quality.py --augment-comparison  # each augmentation alone, all, none (bench/AUGMENT_RESULTS.md)
+    python bench/bench_quality.py --augment-comparison  # each augmentation alone, all, none (BENCHMARKS.md §4, family B)
 
 Data: a `dist-train synth` shard set split by identity into train / val / test
 (10% of the identities each for val and test). Every method trains on train,

@@ -698,7 +698,7 @@ def diagnose_overfitting(run: Run, th: Thresholds) -> Finding | None:
     )
     rec = (
         f"regularise: {regularise_flags(run)}; more identities or samples per identity help most (measured: "
-        "augmentation buys robustness to landmark error and missing parts, not val cos; bench/AUGMENT_RESULTS)"
+        "augmentation buys robustness to landmark error and missing parts, not val cos; BENCHMARKS.md §4, family B)"
     )
     b = run.best()
     if b is not None and b["epoch"] < epochs[-1]:

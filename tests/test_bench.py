@@ -274,3 +274,16 @@ def test_gpu_check_refuses_cleanly_without_nvidia_smi(tmp_path):
     )
     assert proc.returncode == 2
     assert "no NVIDIA GPU: nvidia-smi is not installed" in proc.stderr
+
+
+def test_checkpoint_benchmark_prints_each_save_and_the_policys_share_of_wall_time(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_checkpoint.py"), "--tiny", "--dir", str(tmp_path)],
+        cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = re.search(r"checkpoint 1: ([\d.]+) s, ([\d,]+) MiB \(debug-cpu, 1.0M params\)", proc.stdout)
+    assert saved and float(saved[1]) > 0 and int(saved[2].replace(",", "")) >= 10, proc.stdout
+    assert re.search(r"save_best: the step waits [\d.]+ s .* the thread finishes [\d.]+ s later", proc.stdout)
+    assert re.search(r"--save_every_minutes 30\): [\d.]+% of wall time spent saving", proc.stdout)
+    assert not list(tmp_path.iterdir()), "its checkpoints are removed"
