@@ -197,6 +197,8 @@ def coerce(key: str, value):
 def _convert(tp, value, bad: ConfigError):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        if isinstance(value, (list, tuple)) and len(value) == 1:  # `--data_dir null`: a list flag given one value
+            value = value[0] if value[0] is None or str(value[0]).lower() in ("none", "null") else value
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         tp = next(a for a in typing.get_args(tp) if a is not type(None))

@@ -115,7 +115,7 @@ def test_monitor_follows_its_metric_in_its_direction():
 
 @pytest.mark.parametrize("every,steps", [(0, [6, 12]), (4, [4, 6, 8, 12])])
 def test_evaluation_is_due_at_epoch_ends_and_every_n_steps(every, steps):
-    evaluator = Evaluator(EvalConfig(eval_every_steps=every), None, None, "val", 8, "sample", ".")
+    evaluator = Evaluator(EvalConfig(eval_every_steps=every), None, [], "val", 8, "sample", ".")
     assert [s for s in range(1, 13) if evaluator.due(s, epoch_end=s % 6 == 0)] == steps
 
 

@@ -195,7 +195,8 @@ def jobs(cluster, small_shards, tmp_path_factory):
 
 def rank_lines(log: str) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
-    for m in re.finditer(r"^\[rank (\d+)/(\d+)\] (.*)$", log, re.M):
+    # not anchored at a line start: another rank's progress bar may end without a newline just before a rank line
+    for m in re.finditer(r"\[rank (\d+)/(\d+)\] ([^\r\n]*)", log):
         out.setdefault(int(m[1]), []).append(m[3])
     return out
 
