@@ -1,6 +1,6 @@
 """`dist-train report`: read training curves, plot them and say what to change next.
 
-The design notes (shared/design/README.md) are a person reading curves and
+The design notes (docs/design.md) are a person reading curves and
 prescribing the next run. This module does that reading: every diagnosis is a
 small function of one run's scalars and config that returns a `Finding` (what
 was seen, with epochs and values, and the concrete flags to try) or None. A

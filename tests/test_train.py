@@ -39,7 +39,7 @@ from dist_train.loop import DONE
 from dist_train.metrics import TRAIN_TAGS
 from dist_train.model import build_model
 
-# The design notes' schemes, flags verbatim (../shared/design/README.md, "Prescriptions").
+# The design notes' schemes, flags verbatim (docs/design.md, "Prescriptions").
 SCHEME_1 = (
     "--mse_weight 0.1 --cosine_weight 0.9 --warmup_epochs 10 --epochs 150 --cosine_eta_min 1e-5 --batch_size 32 "
     "--lr 1e-4 --warmup_lr 1e-6 --weight_decay 1e-4 --dropout 0.15 --use_mixed_precision "

@@ -17,7 +17,7 @@ POSE_NAMES = ("pitch", "yaw", "roll")  # degrees, InsightFace `face.pose` order
 
 # Samples are stored in blocks: one tar member per field per block of this many
 # samples. One-sample-per-member shards read at ~2.5k samples/s here, blocks at
-# ~400k (../shared/reference/integration-pitfalls.md).
+# ~400k (BENCHMARKS.md §1).
 DEFAULT_BLOCK_SIZE = 1024
 
 
