@@ -25,6 +25,8 @@ from typing import Literal, Optional
 
 import yaml
 
+from dist_train.data.schema import EMB_DIM
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 RESOLVED_NAME = "config.yaml"
@@ -336,7 +338,9 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
         need(v >= 0, key, v, "must be zero or a positive integer")
     need(m.d_model % m.nhead == 0, "d_model", m.d_model, f"must be divisible by nhead ({m.nhead})")
     need(0.0 <= m.dropout < 1.0, "dropout", m.dropout, "must be in [0, 1)")
-    need(m.emb_tokens != "chunked" or 512 % m.emb_chunks == 0, "emb_chunks", m.emb_chunks, "must divide 512")
+    need(
+        m.emb_tokens != "chunked" or EMB_DIM % m.emb_chunks == 0, "emb_chunks", m.emb_chunks, f"must divide {EMB_DIM}"
+    )
     for key in ("lr", "warmup_lr", "contrastive_temperature"):
         v = getattr(getattr(cfg, FLAT[key][0]), key)
         need(v > 0, key, v, "must be positive")
@@ -415,6 +419,13 @@ def _field_docs() -> dict[str, str]:
         for node in cls.body
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
     }
+
+
+def require_data(cfg: Config) -> Config:
+    """The config, or a ConfigError when it names no shard set (train and the job scripts' check)."""
+    if cfg.data.data_dir is None:
+        raise ConfigError("data_dir: not set; pass --data_dir DIR (a shard set) or set data.data_dir in the config")
+    return cfg
 
 
 def add_arguments(parser: argparse.ArgumentParser, preset: tuple[str, dict] | None = None) -> None:

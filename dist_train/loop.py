@@ -385,10 +385,7 @@ def main(argv: list[str]) -> int:
     config_mod.add_arguments(p, preset=config_mod.preset_for_help(argv))
     args = cli.parse_args(p, argv)
     try:
-        cfg = config_mod.from_args(args)
-        if cfg.data.data_dir is None:
-            raise ConfigError("data_dir: not set; pass --data_dir DIR (a shard set) or set data.data_dir in the config")
-        return train(cfg)
+        return train(config_mod.require_data(config_mod.from_args(args)))
     except (ConfigError, ShardSetError) as e:
         print(f"dist-train train: error: {e}", file=sys.stderr)
         return 2

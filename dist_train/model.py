@@ -168,7 +168,7 @@ def check_inputs(src_emb: torch.Tensor, src_kps: torch.Tensor, src_pose: torch.T
         )
 
 
-class Frontalizer(nn.Module):
+class FrontalNet(nn.Module):
     """(src_emb (B,512), src_kps (B,68,3) landmark_3d_68 pixels, src_pose (B,3) degrees) -> (B,512) unit, float32."""
 
     def __init__(self, cfg: ModelConfig):
@@ -229,7 +229,7 @@ class Frontalizer(nn.Module):
         c = self.cfg
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
         return (
-            f"Frontalizer: {self.num_tokens} tokens (emb {c.emb_tokens} x{self.emb_tokens.count}, "
+            f"FrontalNet: {self.num_tokens} tokens (emb {c.emb_tokens} x{self.emb_tokens.count}, "
             f"landmarks {c.landmark_tokens} x{self.landmark_tokens.count}, pose, readout), "
             f"d_model {c.d_model}, layers {c.num_layers}, heads {c.nhead}, ff {c.dim_feedforward}, "
             f"dropout {c.dropout:g}, residual {'modulated' if c.residual_mlp else 'linear'}, gate {c.gate}, "
@@ -237,9 +237,9 @@ class Frontalizer(nn.Module):
         )
 
 
-def build_model(cfg: ModelConfig) -> Frontalizer:
+def build_model(cfg: ModelConfig) -> FrontalNet:
     """The model a config describes; the one constructor the trainer, eval and export use."""
-    return Frontalizer(cfg)
+    return FrontalNet(cfg)
 
 
 def model_inputs(batch: dict[str, torch.Tensor], emb_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:

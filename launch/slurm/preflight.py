@@ -59,9 +59,7 @@ def main(argv: list[str]) -> int:
         args, unknown = parser.parse_known_args(cli.spelled_as_parser(parser, trainer_flags))
         if unknown:
             raise ConfigError(f"unknown trainer arguments {unknown}; see `dist-train train --help`")
-        cfg = config_mod.from_args(args)
-        if cfg.data.data_dir is None:
-            raise ConfigError("data_dir: not set; pass --data_dir DIR (a shard set) or set data.data_dir in the config")
+        cfg = config_mod.require_data(config_mod.from_args(args))
     except (ConfigError, ShardSetError) as e:
         print(f"dist-train job: error: {e}", file=sys.stderr)
         return 2
