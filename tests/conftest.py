@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import psutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dist_train.checkpoint import CKPT_DIR, COMPLETE, step_dir_name
 from dist_train.data.schema import FIELDS
 from dist_train.data.shards import write_index, write_shard_set, write_split
 from dist_train.data.synth import SynthParams, generate, make_shard_set
@@ -166,3 +168,22 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def kill_at_checkpoint_then_resume(run: TrainRun, step: int, result: dict) -> None:
+    """SIGKILL the launcher and every rank once checkpoint ``step`` is complete, then `--resume latest`.
+
+    Meant for a thread beside the test; ``result`` gets the killed run's exit code, or the error to re-raise.
+    """
+    try:
+        marker = run.run_dir / CKPT_DIR / step_dir_name(step) / COMPLETE
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not marker.exists():
+            assert run.proc.poll() is None, "the run ended before the checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint before the timeout"
+            time.sleep(0.05)
+        run.kill()
+        result["killed_rc"] = run.proc.returncode
+        run.start([*run.flags, "--resume", "latest"])
+    except BaseException as e:  # reported by the test
+        result["error"] = e

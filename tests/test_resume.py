@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import FAST_TRAIN_FLAGS, RUN_ENV, RUN_TIMEOUT_S, TrainRun, scalars
+from conftest import FAST_TRAIN_FLAGS, RUN_ENV, RUN_TIMEOUT_S, TrainRun, kill_at_checkpoint_then_resume, scalars
 from safetensors.torch import load_file
 
 from dist_train import config as config_mod
@@ -34,21 +34,6 @@ from dist_train.schedule import lr_at
 REPO = Path(__file__).resolve().parent.parent
 MICRO, WORLD = 64, 2
 KILL_AFTER = 5  # a checkpoint in the middle of the first epoch
-
-
-def kill_and_resume(run: TrainRun, step: int, result: dict) -> None:
-    """SIGKILL the launcher and every rank once checkpoint ``step`` is complete, then `--resume latest`."""
-    try:
-        marker = run.run_dir / CKPT_DIR / step_dir_name(step) / COMPLETE
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not marker.exists():
-            assert run.proc.poll() is None, "the run ended before the checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint before the timeout"
-            time.sleep(0.05)
-        run.kill()
-        run.start([*run.flags, "--resume", "latest"])
-    except BaseException as e:  # reported by the test
-        result["error"] = e
 
 
 def train(*flags: str) -> subprocess.CompletedProcess:
@@ -72,7 +57,9 @@ def exact_resume(small_shards, tmp_path_factory) -> TrainRun:
     flags += ["--save_every_steps", str(KILL_AFTER), "--eval_max_samples", "64"]
     run = TrainRun(tmp, "exact", flags, ["--config_file", "launch/accelerate/cpu/ddp.yaml"])
     run.kill_result = {}
-    run.killer = threading.Thread(target=kill_and_resume, args=(run, KILL_AFTER, run.kill_result), daemon=True)
+    run.killer = threading.Thread(
+        target=kill_at_checkpoint_then_resume, args=(run, KILL_AFTER, run.kill_result), daemon=True
+    )
     run.killer.start()
     yield run
     run.kill()

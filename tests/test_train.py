@@ -15,7 +15,6 @@ import shlex
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from conftest import (
     ZERO_RUN_STEPS,
     TrainRun,
     full_block_shard_set,
+    kill_at_checkpoint_then_resume,
     scalars,
 )
 from safetensors.torch import load_file
@@ -76,22 +76,6 @@ def flag_values(flags: str) -> dict[str, str]:
     return out
 
 
-def resume_after_kill(run: TrainRun, result: dict) -> None:
-    """SIGKILL the launcher and both ranks once the first checkpoint is complete, then `--resume latest`."""
-    try:
-        marker = run.run_dir / CKPT_DIR / step_dir_name(ZERO_RUN_EVERY) / COMPLETE
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not marker.exists():
-            assert run.proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint before the timeout"
-            time.sleep(0.05)
-        run.kill()
-        result["killed_rc"] = run.proc.returncode
-        run.start([*run.flags, "--resume", "latest"])
-    except BaseException as e:  # reported by the test
-        result["error"] = e
-
-
 @pytest.fixture(scope="module")
 def runs(demo_shards, zero_runs, tmp_path_factory) -> dict[str, TrainRun]:
     tmp = tmp_path_factory.mktemp("train_runs")
@@ -136,7 +120,9 @@ def runs(demo_shards, zero_runs, tmp_path_factory) -> dict[str, TrainRun]:
             [*shlex.split(flags), *extra, *data, "--max_steps", str(SCHEME_STEPS), "--log_every_steps", "1"],
         )
     kill: dict = {}
-    killer = threading.Thread(target=resume_after_kill, args=(started["resumed"], kill), daemon=True)
+    killer = threading.Thread(
+        target=kill_at_checkpoint_then_resume, args=(started["resumed"], ZERO_RUN_EVERY, kill), daemon=True
+    )
     killer.start()
     started["resumed"].killer, started["resumed"].kill_result = killer, kill
     yield started
