@@ -338,9 +338,7 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
         need(v >= 0, key, v, "must be zero or a positive integer")
     need(m.d_model % m.nhead == 0, "d_model", m.d_model, f"must be divisible by nhead ({m.nhead})")
     need(0.0 <= m.dropout < 1.0, "dropout", m.dropout, "must be in [0, 1)")
-    need(
-        m.emb_tokens != "chunked" or EMB_DIM % m.emb_chunks == 0, "emb_chunks", m.emb_chunks, f"must divide {EMB_DIM}"
-    )
+    need(m.emb_tokens != "chunked" or EMB_DIM % m.emb_chunks == 0, "emb_chunks", m.emb_chunks, f"must divide {EMB_DIM}")
     for key in ("lr", "warmup_lr", "contrastive_temperature"):
         v = getattr(getattr(cfg, FLAT[key][0]), key)
         need(v > 0, key, v, "must be positive")
