@@ -138,13 +138,17 @@ def child(set_dir: str, impl: str) -> int:
     return 0
 
 
-def measure(set_dir: Path, impl: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(set_dir), "--impl", impl]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def in_child(script: str, *args: str, env: dict | None = None) -> dict:
+    """Run ``script --child ARGS`` in a fresh process (its own peak RSS): the JSON of its last line, or the error."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    done = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, env=env)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(set_dir: Path, impl: str) -> dict:
+    return in_child(str(Path(__file__).resolve()), str(set_dir), "--impl", impl, env={"OMP_NUM_THREADS": "1"})
 
 
 def row(impl: str, n: int, m: dict) -> str:

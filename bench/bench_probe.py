@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_inspect import _status_mb, machine, pool_rows, write_set  # noqa: E402
+from bench_inspect import _status_mb, in_child, machine, pool_rows, write_set  # noqa: E402
 
 
 def child(set_dir: str) -> int:
@@ -59,16 +57,7 @@ def child(set_dir: str) -> int:
 
 
 def measure(set_dir: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(set_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if done.returncode:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_child(str(Path(__file__).resolve()), str(set_dir))
 
 
 def row(n: int, m: dict) -> str:
