@@ -171,15 +171,19 @@ def test_onnx_export_matches_torch_for_any_batch_size(layout, tmp_path):
     assert np.abs(got - want).max() < 1e-4
 
 
-def rotated_pairs(n: int, gen: torch.Generator, basis: torch.Tensor, speeds: torch.Tensor):
-    """Frontal targets and profiles made by rotating them in fixed 2-D planes by angles proportional to yaw."""
+def rotated_pairs(n: int, gen: torch.Generator, basis: torch.Tensor, speeds: torch.Tensor, yaw_power: int = 1):
+    """Frontal targets and profiles made by rotating them in fixed 2-D planes by angles growing with yaw.
+
+    ``yaw_power`` 1: angle proportional to yaw; 2: to yaw * |yaw| / 90, so a profile needs a large correction
+    (90 deg * speed at |yaw| = 90) and a frontal face almost none (1.1 deg * speed at 10 deg).
+    """
     z = torch.randn(n, 512, generator=gen) * 0.02 + (torch.randn(n, basis.shape[1], generator=gen) * 0.3) @ basis.T
     tgt = F.normalize(z, dim=-1)
     yaw = (torch.rand(n, generator=gen) * 2 - 1) * 90
     pose = torch.stack([torch.randn(n, generator=gen) * 5, yaw, torch.randn(n, generator=gen) * 3], -1)
     coords = tgt @ basis
     a, b = coords[:, 0::2], coords[:, 1::2]
-    angle = torch.deg2rad(yaw)[:, None] * speeds
+    angle = torch.deg2rad(yaw)[:, None] * (yaw.abs()[:, None] / 90) ** (yaw_power - 1) * speeds
     rotated = torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1).flatten(1)
     src = tgt + (rotated - coords) @ basis.T
     return src, face_landmarks(pose), pose, tgt
@@ -222,27 +226,13 @@ def test_learns_a_pose_dependent_rotation():
             assert learned > baseline + 0.1, (learned, baseline)  # measured: 0.79 -> 0.99
 
 
-def yaw_distorted_pairs(n: int, gen: torch.Generator, basis: torch.Tensor, speeds: torch.Tensor):
-    """Like `rotated_pairs`, but the rotation angle grows with yaw * |yaw|: the correction a profile needs is
-    large (90 deg * speed at |yaw| = 90) and a frontal face needs almost none (1.1 deg * speed at 10 deg)."""
-    z = torch.randn(n, 512, generator=gen) * 0.02 + (torch.randn(n, basis.shape[1], generator=gen) * 0.3) @ basis.T
-    tgt = F.normalize(z, dim=-1)
-    yaw = (torch.rand(n, generator=gen) * 2 - 1) * 90
-    pose = torch.stack([torch.randn(n, generator=gen) * 5, yaw, torch.randn(n, generator=gen) * 3], -1)
-    coords = tgt @ basis
-    a, b = coords[:, 0::2], coords[:, 1::2]
-    angle = torch.deg2rad(yaw)[:, None] * (yaw.abs()[:, None] / 90) * speeds
-    rotated = torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1).flatten(1)
-    return tgt + (rotated - coords) @ basis.T, face_landmarks(pose), pose, tgt
-
-
 def train_gated(gate: str, steps: int = 300):
-    """A tiny frontalizer trained (cosine loss, Adam) on `yaw_distorted_pairs`; returns it and held-out samples."""
+    """A tiny frontalizer trained (cosine loss, Adam) on `rotated_pairs(..., yaw_power=2)`; returns it and held-out samples."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(512, 8, generator=gen))
     speeds = torch.linspace(0.6, 1.0, 4)
-    train = yaw_distorted_pairs(512, gen, basis, speeds)
+    train = rotated_pairs(512, gen, basis, speeds, yaw_power=2)
     model = build_model(ModelConfig(d_model=16, nhead=2, num_layers=1, dim_feedforward=32, dropout=0.0, gate=gate))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(steps):
@@ -252,7 +242,7 @@ def train_gated(gate: str, steps: int = 300):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval(), yaw_distorted_pairs(512, gen, basis, speeds)
+    return model.eval(), rotated_pairs(512, gen, basis, speeds, yaw_power=2)
 
 
 def gate_and_residual(model, src, kps, pose):
