@@ -639,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench_trainer import train_flops_per_sample, versions
 
     from dist_train import config as config_mod
-    from dist_train.data.shards import ShardSet, read_split
+    from dist_train.data.blocks import read_split
+    from dist_train.data.shards import ShardSet
 
     cuda = torch.cuda.is_available()
     if cuda:

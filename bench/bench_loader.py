@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from dist_train.data import shards
+from dist_train.data import blocks, shards
 from dist_train.data.schema import EMB_DIM, FIELDS, N_LANDMARKS, REQUIRED
 from dist_train.data.stream import TrainStream
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         shard_set = shards.ShardSet.open(Path(tmp) / "set")
         naive = write_naive(arrays, args.naive_samples, Path(tmp) / "naive")
         # (b) uses the shard set's own values (float16 storage, widened), so all three move the same numbers
-        stored = shards.read_split(shard_set, "train")
+        stored = blocks.read_split(shard_set, "train")
         cases = {
             "a: TrainStream (block shards, 1 process)": loader_run(shard_set, args.batch_size),
             "b: in-memory tensors (shuffled gather)": memory_run(stored, args.batch_size),

@@ -61,8 +61,9 @@ from torch import nn
 from dist_train import augment as augment_mod
 from dist_train import config as config_mod
 from dist_train.config import AugmentConfig
+from dist_train.data.blocks import read_split
 from dist_train.data.schema import EMB_DIM, YAW_BUCKETS
-from dist_train.data.shards import ShardSet, read_split
+from dist_train.data.shards import ShardSet
 from dist_train.data.synth import SynthParams, make_shard_set
 from dist_train.geometry import dream_yaw_gate
 from dist_train.losses import FrontalLoss

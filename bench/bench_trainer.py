@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from dist_train import config as config_mod
+from dist_train.data.blocks import read_split
 from dist_train.data.schema import EMB_DIM, N_LANDMARKS
-from dist_train.data.shards import ShardSet, read_split
+from dist_train.data.shards import ShardSet
 from dist_train.data.stream import TrainStream
 from dist_train.data.synth import SynthParams, make_shard_set
 from dist_train.losses import FrontalLoss

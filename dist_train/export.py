@@ -18,7 +18,9 @@ import torch
 
 from dist_train import cli
 from dist_train.checkpoint import CONSOLIDATED, save_consolidated
+from dist_train.data.blocks import read_split
 from dist_train.data.schema import EMB_DIM, N_LANDMARKS
+from dist_train.data.shards import ShardSet
 
 ONNX_NAME = "model.onnx"
 INPUTS = ("src_emb", "src_kps", "src_pose")
@@ -52,8 +54,6 @@ def export_onnx(model: torch.nn.Module, path: str | Path, opset: int = 17) -> Pa
 def sample_inputs(shards: str | None, split: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Real rows from a shard set for the parity check, or plausible random ones without it."""
     if shards:
-        from dist_train.data.shards import ShardSet, read_split
-
         rows = read_split(ShardSet.open(shards), split)
         return {k: rows[k][:n].astype(np.float32) for k in INPUTS}
     rng = np.random.default_rng(seed)

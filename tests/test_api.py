@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     from accelerate.tracking import GeneralTracker
     from dist_train import Config, Frontalizer, train
-    from dist_train.data.shards import ShardSet, read_split
+    from dist_train.data.blocks import read_split
+    from dist_train.data.shards import ShardSet
 
     class Recorder(GeneralTracker):
         name, requires_logging_directory = "recorder", False

@@ -16,7 +16,8 @@ import pytest
 
 from dist_train import cli
 from dist_train.checkpoint import CONSOLIDATED, complete_checkpoints, load_consolidated
-from dist_train.data.shards import ShardSet, read_split
+from dist_train.data.blocks import read_split
+from dist_train.data.shards import ShardSet
 from dist_train.export import INPUTS, ONNX_NAME, OUTPUT, PARITY_TOL
 from dist_train.frontalize import Frontalizer
 

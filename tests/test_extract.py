@@ -24,8 +24,9 @@ import onnxruntime
 import pytest
 
 from dist_train.data import extract, pairing, splits
+from dist_train.data.blocks import read_split
 from dist_train.data.pack import pack as pack_arrays
-from dist_train.data.shards import ShardSet, read_split
+from dist_train.data.shards import ShardSet
 from dist_train.geometry import pose_from_landmarks
 
 IMAGES = Path(insightface.__file__).parent / "data" / "images"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dist_train.data import inspect as inspect_module
+from dist_train.data.blocks import read_split
 from dist_train.data.inspect import (
     COS_BIN,
     LANDMARK_CHECK_MAX,
@@ -30,7 +31,7 @@ from dist_train.data.inspect import (
 )
 from dist_train.data.pack import ZERO_NORM
 from dist_train.data.schema import EMBEDDING_FIELDS, YAW_BUCKETS, yaw_bucket_index
-from dist_train.data.shards import ShardSet, read_split, write_index, write_split
+from dist_train.data.shards import ShardSet, write_index, write_split
 from dist_train.data.synth import SynthParams, generate
 from dist_train.metrics import quality, row_cos
 

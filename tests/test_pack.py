@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from dist_train.data.blocks import read_split
 from dist_train.data.pack import PackError, load_arrays, main, pack
-from dist_train.data.shards import ShardSet, ShardWriter, read_split, write_split
+from dist_train.data.shards import ShardSet, ShardWriter, write_split
 from dist_train.data.splits import split_by_identity, split_rows
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from dist_train.data import shards
+from dist_train.data import blocks, shards
 from dist_train.data.schema import EMB_DIM, N_LANDMARKS, finite_rows
 from dist_train.data.stream import (
     LoaderStats,
@@ -251,8 +251,8 @@ def cut_set(tmp_path, uneven) -> shards.ShardSet:
 
 
 def readable_ids(path: str) -> set[int]:
-    blocks = shards.iter_blocks([path], on_error=lambda e: True)
-    return {int(i) for b in blocks for i in b["identity"]}
+    read = blocks.iter_blocks([path], on_error=lambda e: True)
+    return {int(i) for b in read for i in b["identity"]}
 
 
 def test_truncated_shard_is_skipped_and_counted_in_both_modes(cut_set):

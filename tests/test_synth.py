@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from dist_train.data.blocks import read_split
 from dist_train.data.schema import YAW_BUCKETS, yaw_bucket_index
-from dist_train.data.shards import ShardSet, read_split
+from dist_train.data.shards import ShardSet
 from dist_train.data.splits import split_rows
 from dist_train.data.synth import (
     CHUNK_IDENTITIES,

@@ -20,12 +20,13 @@ import dataclasses
 import os
 import tarfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from dist_train.data.schema import FIELDS, REQUIRED
-from dist_train.data.shards import BadBlock, ShardSet, _load_npy, _npy_layout
+from dist_train.data.shards import BadBlock, ShardSet, _load_npy, _npy_layout, compute_dtype, widen
 
 _NPY_HEADER_BYTES = 256  # enough for any header write_split produces (numpy pads headers to 64/128 bytes)
 _OPEN_FILES = 32  # file handles a reader keeps open
@@ -187,9 +188,12 @@ def split_table(shard_set: ShardSet, split: str) -> BlockTable:
 
 
 class BlockReader:
-    """Reads blocks of one table, keeping a few shard files open (one reader per process)."""
+    """Reads blocks of one table, keeping a few shard files open (one reader per process).
 
-    def __init__(self, table: BlockTable, fields: tuple[str, ...]):
+    ``fields``: the fields to read from every block; None reads the fields each block holds.
+    """
+
+    def __init__(self, table: BlockTable, fields: tuple[str, ...] | None = None):
         self.table = table
         self.fields = fields
         self._files: OrderedDict[int, object] = OrderedDict()
@@ -210,7 +214,7 @@ class BlockReader:
             raise BadBlock(f"block {index} of {self.table.paths[block.shard]}: {block.problem}")
         f = self._file(block.shard)
         out = {}
-        for name in self.fields:
+        for name in block.members if self.fields is None else self.fields:
             offset, size = block.members[name]
             f.seek(offset)
             data = f.read(size)
@@ -233,3 +237,47 @@ class BlockReader:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def iter_blocks(paths: list[str], on_error=None) -> Iterator[dict[str, np.ndarray]]:
+    """The blocks of shard files in order, as float32/int64 arrays of the fields each block holds.
+
+    ``on_error(exc)`` decides about a bad block, or a shard whose scan stopped
+    early (reported after the blocks before the damage): return True to skip it
+    (count it there), anything else re-raises. For streaming whole shards
+    (inspect, ``read_split``); the training stream reads its own way.
+    """
+    table = scan(list(paths))
+    reader = BlockReader(table)
+
+    def skip(exc: Exception) -> None:
+        if not (on_error and on_error(exc)):
+            raise exc
+
+    per_shard: list[list[int]] = [[] for _ in table.paths]
+    for i, block in enumerate(table.blocks):
+        per_shard[block.shard].append(i)
+    try:
+        for path, indices in zip(table.paths, per_shard):
+            for i in indices:
+                try:
+                    raw = reader.read(i)
+                except (BadBlock, OSError) as e:
+                    skip(e)
+                    continue
+                yield {k: widen(k, v) for k, v in raw.items()}
+            if path in table.shard_errors:
+                skip(BadBlock(f"{path}: {table.shard_errors[path]}"))
+    finally:
+        reader.close()
+
+
+def read_split(shard_set: ShardSet, split: str, on_error=None) -> dict[str, np.ndarray]:
+    """Load a whole split into memory as float32/int64 column arrays (``iter_blocks`` over its shards)."""
+    cols: dict[str, list[np.ndarray]] = {}
+    for block in iter_blocks(shard_set.shard_paths(split), on_error=on_error):
+        for k, v in block.items():
+            cols.setdefault(k, []).append(v)
+    if not cols:
+        return {k: np.zeros((0, *FIELDS[k].shape), compute_dtype(k)) for k in REQUIRED}
+    return {k: np.concatenate(v) for k, v in cols.items()}

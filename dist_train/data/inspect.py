@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_train import cli
+from dist_train.data.blocks import iter_blocks
 from dist_train.data.pack import ZERO_NORM
 from dist_train.data.schema import (
     EMB_DIM,
@@ -44,7 +45,7 @@ from dist_train.data.schema import (
     finite_rows,
     yaw_bucket_index,
 )
-from dist_train.data.shards import ShardSet, ShardSetError, iter_blocks, widen
+from dist_train.data.shards import ShardSet, ShardSetError, widen
 from dist_train.geometry import pose_from_landmarks, rotation_matrices
 from dist_train.metrics import MAX_PAIR_SAMPLES, impostor_and_tar, row_cos
 from dist_train.paths import output_file

@@ -434,35 +434,3 @@ class ShardSet:
 
     def shard_paths(self, split: str) -> list[str]:
         return [str(self.root / s["file"]) for s in self.split(split)["shards"]]
-
-
-def iter_blocks(urls: list[str], on_error=None):
-    """Yield decoded blocks from shard URLs in order (local paths, pipe:, http).
-
-    ``on_error(exc)`` decides about a bad tar or block: return True to skip it
-    (count it there), anything else re-raises. Used by in-memory readers; the
-    training stream builds its own pipeline on ``decode_block``.
-    """
-    import webdataset as wds
-
-    def handler(exc):
-        return bool(on_error and on_error(exc))
-
-    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=handler))
-    for sample in pipe:
-        try:
-            yield decode_block(sample)
-        except BadBlock as e:
-            if not handler(e):
-                raise
-
-
-def read_split(shard_set: ShardSet, split: str, on_error=None) -> dict[str, np.ndarray]:
-    """Load a whole split into memory as float32/int64 column arrays."""
-    cols: dict[str, list[np.ndarray]] = {}
-    for block in iter_blocks(shard_set.shard_paths(split), on_error=on_error):
-        for k, v in block.items():
-            cols.setdefault(k, []).append(v)
-    if not cols:
-        return {k: np.zeros((0, *FIELDS[k].shape), np.int64 if k == "identity" else np.float32) for k in REQUIRED}
-    return {k: np.concatenate(v) for k, v in cols.items()}
