@@ -112,7 +112,7 @@ def find_photos(root: Path, by_person: bool) -> tuple[list, list[dict]]:
     name and files directly in ROOT are listed as ``outside_identity``. Videos and other files are
     listed as ``unsupported_file``.
     """
-    from dist_train.data.extract import IMAGE_EXTS, VIDEO_EXTS, ExtractError, Input
+    from dist_train.extract import IMAGE_EXTS, VIDEO_EXTS, ExtractError, Input
 
     if not root.is_dir():
         raise ExtractError(f"{str(root)!r} is not a directory")
@@ -140,7 +140,7 @@ def analyse_photos(
     """The photos ``found`` below ``root`` (`find_photos`) through ``extract``'s Extractor, then extract's
     filters and keep policy (``pairing.select_faces``)."""
     from dist_train.data import pairing
-    from dist_train.data.extract import filtered_inputs
+    from dist_train.extract import filtered_inputs
 
     inputs, problems = found[0], list(found[1])
     results = []
@@ -254,7 +254,7 @@ def format_figures(g: dict, gallery_faces: int) -> str:
 
 def torch_device(device: str) -> str:
     """The torch device for ``--device``: as for onnxruntime, CUDA when present (auto) or demanded (cuda)."""
-    from dist_train.data.extract import ExtractError
+    from dist_train.extract import ExtractError
 
     if device == "cpu" or not torch.cuda.is_available():
         if device == "cuda":
@@ -267,7 +267,7 @@ def run_photos(args) -> int:
     from tqdm import tqdm
 
     from dist_train.data import pairing
-    from dist_train.data.extract import Extractor, Settings, choose_providers, load_pack
+    from dist_train.extract import Extractor, Settings, choose_providers, load_pack
 
     if args.min_score < args.det_thresh:
         raise ValueError(

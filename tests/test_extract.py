@@ -23,7 +23,8 @@ import onnx_models as om
 import onnxruntime
 import pytest
 
-from dist_train.data import extract, pairing, splits
+from dist_train import extract
+from dist_train.data import pairing, splits
 from dist_train.data.blocks import read_split
 from dist_train.data.pack import pack as pack_arrays
 from dist_train.data.shards import ShardSet

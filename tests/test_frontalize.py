@@ -22,10 +22,9 @@ import onnx_models as om
 import pytest
 import torch
 
-from dist_train import cli
+from dist_train import cli, extract
 from dist_train.checkpoint import save_consolidated
 from dist_train.config import build
-from dist_train.data import extract
 from dist_train.data.schema import YAW_BUCKETS, YAW_EDGES, yaw_bucket_index
 from dist_train.frontalize import Frontalizer
 from dist_train.metrics import identification
