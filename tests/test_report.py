@@ -18,7 +18,7 @@ import pytest
 from dist_train import cli, config
 from dist_train.data.schema import YAW_BUCKETS
 from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
-from dist_train.report import Run, match_plan, next_rung
+from dist_train.report import Run, match_rung, next_rung
 
 STEPS_PER_EPOCH = 50
 LOG_EVERY = 10
@@ -279,10 +279,10 @@ def test_dir_without_event_files_is_an_error(tmp_path, capsys):
 
 def test_ladder_keeps_capacity_and_ends_at_xl():
     def rung(cfg):
-        name, diff = match_plan(cfg)
+        name, diff = match_rung(cfg)
         return Run("r", None, {}, cfg, name, diff)
 
-    assert match_plan(preset("xl")) == ("xl", {})
+    assert match_rung(preset("xl")) == ("xl", {})
     nxt = next_rung(rung(preset("plan2-capacity")))
     assert nxt.startswith("--config plan3-batch --d_model 768 --num_layers 6 --dim_feedforward 3072 --dropout 0.2")
     assert "batch_size 32->64" in nxt
