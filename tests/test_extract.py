@@ -458,7 +458,7 @@ def synthetic_cache(tmp: Path, n_ids: int, videos: int, frames: int, seed: int =
     inputs, _, _ = extract.discover(root, aligned=False)
     rng = np.random.default_rng(seed)
     for inp in inputs:
-        result = extract.Result(inp, extract._stamp(root / inp.rel), frames=frames)
+        result = extract.Result(inp, extract.cache._stamp(root / inp.rel), frames=frames)
         if rng.random() < 0.05:
             result.status, result.detail = "unreadable", "no decodable frames in this video"
             extract.write_chunk(out, [result])
@@ -570,7 +570,7 @@ def test_stage2_memory_stays_far_below_the_faces_size(tmp_path, monkeypatch):
     root, out = synthetic_cache(tmp_path, n_ids=150, videos=2, frames=100, seed=1)
     n_faces = sum(len(np.load(p)["owner"]) for p in (out / extract.CACHE_DIR / "chunks").glob("*.npz"))
     faces_bytes = n_faces * (512 + 68 * 3) * 4  # float32 embeddings and landmarks
-    monkeypatch.setattr(extract, "GATHER_ROWS", 1024)
+    monkeypatch.setattr(extract.store, "GATHER_ROWS", 1024)
     tracemalloc.start()
     try:
         report = stage2(root, out, pairing.PairingRules())
