@@ -60,16 +60,19 @@ from torch import nn
 
 from dist_train import augment as augment_mod
 from dist_train import config as config_mod
+from dist_train.checkpoint import load_consolidated
 from dist_train.config import AugmentConfig
 from dist_train.data.blocks import read_split
 from dist_train.data.schema import EMB_DIM, YAW_BUCKETS
 from dist_train.data.shards import ShardSet
 from dist_train.data.synth import SynthParams, make_shard_set
 from dist_train.geometry import dream_yaw_gate
+from dist_train.loop import train as run_training
 from dist_train.losses import FrontalLoss
 from dist_train.metrics import quality
-from dist_train.model import ZeroInitLinear
+from dist_train.model import ZeroInitLinear, build_model
 from dist_train.optim import build_optimizer
+from dist_train.rundir import DONE, RunDir
 from dist_train.schedule import lr_at
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -237,10 +240,6 @@ def fit_transformer(
     calibration: tuple[int, int],
 ) -> tuple[np.ndarray, str]:
     """dist-train's own loop (`train.train`), stopped by step count; its best checkpoint (on val) predicts."""
-    from dist_train.checkpoint import BEST_DIR, CONSOLIDATED, load_consolidated
-    from dist_train.loop import DONE
-    from dist_train.loop import train as run_training
-    from dist_train.model import build_model
 
     # no early stop: like every method it uses its whole budget, and its best checkpoint on val is scored
     run = {"data_dir": str(data_dir), "output_dir": str(run_dir), "early_stopping_patience": 0}
@@ -252,7 +251,7 @@ def fit_transformer(
     cfg = config_mod.build(values)
     if run_training(cfg) != 0:
         raise RuntimeError(f"dist-train exited non-zero; see {run_dir}")
-    state_dict, _, meta = load_consolidated(run_dir / BEST_DIR / CONSOLIDATED)
+    state_dict, _, meta = load_consolidated(RunDir(run_dir).best_model)
     model = build_model(cfg.model)
     model.load_state_dict(state_dict)
     ran = int((run_dir / DONE).read_text())
@@ -352,9 +351,6 @@ def perturbed_tests(test: dict) -> dict[str, dict]:
 
 def run_variant(preset: str, overrides: dict, data_dir: Path, run_dir: Path, epochs: int, tests: dict) -> dict:
     """One `train.train` run (no early stop), its per-epoch curve, and its best checkpoint scored on test."""
-    from dist_train.checkpoint import BEST_DIR, CONSOLIDATED, load_consolidated
-    from dist_train.loop import train as run_training
-    from dist_train.model import build_model
 
     values = config_mod.load_yaml(preset) | overrides
     values |= {"data_dir": str(data_dir), "output_dir": str(run_dir), "epochs": epochs, "early_stopping_patience": 0}
@@ -364,7 +360,7 @@ def run_variant(preset: str, overrides: dict, data_dir: Path, run_dir: Path, epo
         raise RuntimeError(f"dist-train exited non-zero; see {run_dir}")
     cpu = cpu_seconds() - cpu
     curve = [json.loads(p.read_text()) for p in sorted((run_dir / "metrics").glob("eval-step*.json"))]
-    state_dict, _, meta = load_consolidated(run_dir / BEST_DIR / CONSOLIDATED)
+    state_dict, _, meta = load_consolidated(RunDir(run_dir).best_model)
     model = build_model(cfg.model)
     model.load_state_dict(state_dict)
     scores = {}

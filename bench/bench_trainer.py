@@ -41,7 +41,7 @@ import torch
 
 from dist_train import config as config_mod
 from dist_train.data.blocks import read_split
-from dist_train.data.schema import EMB_DIM, N_LANDMARKS
+from dist_train.data.schema import EMB_DIM, N_LANDMARKS, train_fields
 from dist_train.data.shards import ShardSet
 from dist_train.data.stream import TrainStream
 from dist_train.data.synth import SynthParams, make_shard_set
@@ -52,8 +52,6 @@ from dist_train.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loader import machine  # noqa: E402  (bench/ is not a package)
-
-INPUTS = ("src_emb", "src_kps", "src_pose", "tgt_emb", "identity")
 
 
 def versions() -> str:
@@ -184,7 +182,7 @@ def cpu_seconds() -> float:
 
 def memory_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int):
     """Endless batches sliced from in-memory tensors, reshuffled at each pass."""
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in INPUTS}
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in train_fields()}
     n = len(tensors["identity"])
     if n < batch_size:
         raise ValueError(f"{n} samples are fewer than one batch of {batch_size}")
@@ -207,7 +205,7 @@ def stream_batches(cfg: config_mod.Config, shard_set: ShardSet, steps: int):
         seed=cfg.train.seed,
         shuffle_blocks=cfg.data.shuffle_blocks,
         num_workers=cfg.data.num_workers,
-        fields=INPUTS,
+        fields=train_fields(),
         transient=True,  # as in the trainer
     )
     return iter(stream)
@@ -270,7 +268,8 @@ def profile(loops: Loops, steps: int) -> None:
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out).sort_stats("cumulative")
     stats.print_stats(
-        r"dist_train/(train|tracking|data/stream)|accelerate/|multiprocessing/(resource_sharer|reductions)", 30
+        r"dist_train/(train|tracking|data/stream|data/transport)|accelerate/|multiprocessing/(resource_sharer|reductions)",
+        30,
     )
     print(f"profile of one {steps}-step dist-train run (cProfile inflates Python-level costs):{out.getvalue()}")
 

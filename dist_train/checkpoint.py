@@ -45,20 +45,14 @@ from pathlib import Path
 
 import torch
 
+from dist_train import rundir
 from dist_train.config import CheckpointConfig, Config, ConfigError, config_from_dict
+from dist_train.rundir import CONSOLIDATED, RunDir
 
-CKPT_DIR = "checkpoints"
-BEST_DIR = "best"
-ABANDONED_DIR = "abandoned"
-METRICS_DIR = "metrics"
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
-CONSOLIDATED = "model.safetensors"
 TMP_SUFFIX = ".tmp"
-# what `--overwrite` deletes: the previous run's outputs (config.yaml is rewritten by the new run)
-RUN_OUTPUTS = (CKPT_DIR, BEST_DIR, "tb", METRICS_DIR, ABANDONED_DIR, "DONE", "PREEMPTED")
 _STEP_RE = re.compile(r"^step-(\d+)(\.tmp)?$")
-_EVAL_RE = re.compile(r"^eval-step(\d+)\.json$")
 
 # Globals that pickled checkpoint files (DeepSpeed engine/optimizer states,
 # Accelerate's RNG states) reference beyond torch's own weights-only allowlist:
@@ -147,7 +141,7 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def _step_dirs(run_dir: str | Path, tmp: bool) -> list[Path]:
-    root = Path(run_dir) / CKPT_DIR
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = []
@@ -301,7 +295,8 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, run_dir: str | Path, accelerator, run_config: Config):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.root = self.run_dir / CKPT_DIR
+        self.dirs = RunDir(self.run_dir)
+        self.root = self.dirs.checkpoints
         self.acc = accelerator
         self.run_config = run_config
         self.last_saved_step = -1
@@ -356,7 +351,7 @@ class Checkpointer:
 
         - ``resume`` None: a run directory holding any checkpoint (complete or ``*.tmp``) is refused with a
           ConfigError naming it, its newest step and the two ways on; with ``overwrite`` the previous run's
-          outputs (`RUN_OUTPUTS`) are deleted (and listed) and the run starts fresh.
+          outputs (`rundir.OUTPUTS`) are deleted (and listed) and the run starts fresh.
         - ``"latest"``: the newest complete checkpoint of the lineage in the run directory (the lineage of the
           most recently completed checkpoint, should several share the directory), or None (fresh start, said
           so). ``overwrite`` with it is refused: a requeued job would wipe its own progress on every restart.
@@ -445,7 +440,7 @@ class Checkpointer:
 
     def _clear_previous_run(self, keep: Path | None = None) -> None:
         deleted = []
-        for name in RUN_OUTPUTS:
+        for name in rundir.OUTPUTS:
             p = self.run_dir / name
             if keep is not None and keep.resolve().is_relative_to(p.resolve()):
                 self._say(f"--overwrite: kept {p}, which holds the checkpoint resumed from")
@@ -462,24 +457,24 @@ class Checkpointer:
 
     def _abandon(self, step: int, newer: list[Path]) -> None:
         """Move what a branch wrote after ``step`` to abandoned/<step>-<time>/."""
-        moves: list[tuple[Path, str]] = [(p, f"{CKPT_DIR}/{p.name}") for p in newer]
+        moves: list[tuple[Path, str]] = [(p, f"{rundir.CHECKPOINTS}/{p.name}") for p in newer]
         if not newer:
             return
-        best = self.run_dir / BEST_DIR / CONSOLIDATED
+        best = self.dirs.best_model
         if best.is_file():
             with contextlib.suppress(Exception):
                 if int(load_consolidated_meta(best).get("step", -1)) > step:
-                    moves.append((self.run_dir / BEST_DIR, BEST_DIR))
-        for name in ("DONE", "PREEMPTED"):
+                    moves.append((self.dirs.best, rundir.BEST))
+        for name in (rundir.DONE, rundir.PREEMPTED):
             if (self.run_dir / name).is_file():
                 moves.append((self.run_dir / name, name))
-        metrics = self.run_dir / METRICS_DIR
+        metrics = self.dirs.metrics
         if metrics.is_dir():
             for f in metrics.iterdir():
-                m = _EVAL_RE.match(f.name)
-                if m and int(m[1]) > step:
-                    moves.append((f, f"{METRICS_DIR}/{f.name}"))
-        base = self.run_dir / ABANDONED_DIR / f"{step:08d}-{time.strftime('%Y%m%dT%H%M%S')}"
+                eval_step = rundir.eval_metrics_step(f.name)
+                if eval_step is not None and eval_step > step:
+                    moves.append((f, f"{rundir.METRICS}/{f.name}"))
+        base = self.dirs.abandoned / f"{step:08d}-{time.strftime('%Y%m%dT%H%M%S')}"
         dest, n = base, 1
         while dest.exists():
             dest, n = base.with_name(f"{base.name}-{n}"), n + 1
@@ -487,8 +482,8 @@ class Checkpointer:
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, target)
-        also = [rel for _, rel in moves[len(newer) :] if not rel.startswith(METRICS_DIR)]
-        n_eval = sum(rel.startswith(METRICS_DIR) for _, rel in moves)
+        also = [rel for _, rel in moves[len(newer) :] if not rel.startswith(rundir.METRICS)]
+        n_eval = sum(rel.startswith(rundir.METRICS) for _, rel in moves)
         extra = (f", {', '.join(also)}" if also else "") + (f" and {n_eval} eval metrics file(s)" if n_eval else "")
         self._say(
             f"resume from step {step}: moved the abandoned branch's newer checkpoints "
@@ -702,7 +697,7 @@ class Checkpointer:
         """
         self._agree_best(state)
         sd = master_state_dict(model, self.acc)
-        path = self.run_dir / BEST_DIR / CONSOLIDATED
+        path = self.dirs.best_model
         if self._main:
             meta = {"step": state.step, "val_mean_cos": metrics.get("mean_cos"), "run_id": state.run_id}
             needed = sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in sd.values())
@@ -717,7 +712,7 @@ class Checkpointer:
 
     def _agree_best(self, state: TrainState) -> None:
         error, (step, needed) = self._best.take_error() if self._main else (None, (state.step, None))
-        path = self.run_dir / BEST_DIR / CONSOLIDATED
+        path = self.dirs.best_model
         self._agree(error, f"best model (step {step})", path.with_suffix(TMP_SUFFIX), state, needed)
 
 

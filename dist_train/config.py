@@ -26,10 +26,10 @@ from typing import Literal, Optional
 import yaml
 
 from dist_train.data.schema import EMB_DIM
+from dist_train.rundir import RunDir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
-RESOLVED_NAME = "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -161,7 +161,7 @@ class Config:
         return build(load_yaml(name) | values)
 
     def save(self, run_dir: str | Path) -> Path:
-        path = Path(run_dir) / RESOLVED_NAME
+        path = RunDir(run_dir).config
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
@@ -480,7 +480,7 @@ def from_args(args: argparse.Namespace) -> Config:
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The resolved config a run wrote into its directory (no data check)."""
-    return config_from_dict(yaml.safe_load((Path(run_dir) / RESOLVED_NAME).read_text()))
+    return config_from_dict(yaml.safe_load(RunDir(run_dir).config.read_text()))
 
 
 def config_from_dict(raw: dict) -> Config:

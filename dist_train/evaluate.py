@@ -19,33 +19,24 @@ import numpy as np
 import torch
 
 from dist_train import cli
-from dist_train.checkpoint import BEST_DIR, CONSOLIDATED, consolidate_checkpoint, load_consolidated
+from dist_train.checkpoint import load_consolidated
 from dist_train.data.blocks import PART_IDENTITY_STRIDE
 from dist_train.data.inspect import data_ceiling
+from dist_train.data.schema import target_of, train_fields
 from dist_train.data.shards import ShardSet
 from dist_train.data.stream import LoaderStats, eval_batches
 from dist_train.metrics import quality, row_cos
-from dist_train.model import build_model, model_inputs
+from dist_train.model import model_inputs
 from dist_train.paths import output_file
 from dist_train.probe import FRR_FAR, read_cached
-
-EVAL_FIELDS_BASE = ("src_emb", "src_kps", "src_pose", "tgt_emb", "identity")
-
-
-def train_fields(target: str = "sample") -> tuple[str, ...]:
-    """What a training step reads: the inputs, the target and the identity (for the contrastive term)."""
-    return EVAL_FIELDS_BASE + (("tgt_centroid",) if target == "centroid" else ())
+from dist_train.rundir import RunDir
+from dist_train.weights import load_model
 
 
 def eval_fields(shard_sets: ShardSet | list[ShardSet], target: str = "sample") -> tuple[str, ...]:
     """Training's fields plus the oracle, when every shard set has one, for the ceiling metrics."""
     sets = shard_sets if isinstance(shard_sets, list) else [shard_sets]
     return train_fields(target) + tuple(f for f in ("oracle_emb",) if all(s.has(f) for s in sets))
-
-
-def target_of(batch: dict, target: str) -> torch.Tensor:
-    """The training target: the frontal sample, or the identity's frontal centroid."""
-    return batch["tgt_centroid"] if target == "centroid" else batch["tgt_emb"]
 
 
 @torch.no_grad()
@@ -162,8 +153,7 @@ class Evaluator:
         self.split = split
         self.batch_size = batch_size
         self.target = target
-        self.run_dir = Path(run_dir)
-        self.out_dir = self.run_dir / "metrics"
+        self.dirs = RunDir(run_dir)
 
     def due(self, step: int, epoch_end: bool) -> bool:
         every = self.cfg.eval_every_steps
@@ -206,8 +196,8 @@ class Evaluator:
             m["val_train_loss_ratio"] = (
                 m["loss"] / train_loss if train_loss and train_loss > 0 and math.isfinite(train_loss) else None
             )
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / f"eval-step{step:08d}.json").write_text(json.dumps(m, indent=2) + "\n")
+            self.dirs.metrics.mkdir(parents=True, exist_ok=True)
+            self.dirs.eval_metrics(step).write_text(json.dumps(m, indent=2) + "\n")
             result[0] = m
         if acc.num_processes > 1:
             dist.broadcast_object_list(result, src=0)
@@ -220,7 +210,7 @@ class Evaluator:
         or a best model. One process is enough: a test split is read once, at the end.
         """
         acc = self.rt.accelerator
-        best = self.run_dir / BEST_DIR / CONSOLIDATED
+        best = self.dirs.best_model
         result = None
         sets = [s for s in self.shard_sets if split and split in s.splits]
         if acc.is_main_process and sets and best.is_file():
@@ -232,8 +222,8 @@ class Evaluator:
             result = metrics_of(rows, [str(s.root) for s in sets])
             result.update(split=split, step=load_consolidated(best)[2].get("step"), model=str(best))
             result["dropped_rows"] = {"nonfinite": stats.nonfinite_rows, "unreadable": stats.unreadable_rows}
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "test.json").write_text(json.dumps(result, indent=2) + "\n")
+            self.dirs.metrics.mkdir(parents=True, exist_ok=True)
+            self.dirs.test_metrics.write_text(json.dumps(result, indent=2) + "\n")
         acc.wait_for_everyone()
         return result
 
@@ -261,14 +251,6 @@ def inference_device(device: str | None, precision: str = "fp32"):
         raise ValueError("--precision fp16 needs a CUDA device (CPU kernels do not run fp16); use bf16 or fp32")
     dtype = AUTOCAST[precision]
     return device, (None if dtype is None else (lambda: torch.autocast(device.type, dtype=dtype)))
-
-
-def load_model(path: str | Path):
-    """A model in eval mode, fp32, from any checkpoint or consolidated file."""
-    sd, cfg = consolidate_checkpoint(path)
-    model = build_model(cfg.model)
-    model.load_state_dict(sd)
-    return model.eval(), cfg
 
 
 def main(argv: list[str]) -> int:

@@ -19,11 +19,11 @@ import torch
 from dist_train import cli
 from dist_train.checkpoint import CONSOLIDATED, save_consolidated
 from dist_train.data.blocks import read_split
-from dist_train.data.schema import EMB_DIM, N_LANDMARKS
+from dist_train.data.schema import EMB_DIM, MODEL_INPUTS, N_LANDMARKS
 from dist_train.data.shards import ShardSet
+from dist_train.weights import load_model
 
 ONNX_NAME = "model.onnx"
-INPUTS = ("src_emb", "src_kps", "src_pose")
 OUTPUT = "pred_emb"
 PARITY_TOL = 1e-4
 
@@ -37,12 +37,12 @@ def export_onnx(model: torch.nn.Module, path: str | Path, opset: int = 17) -> Pa
         torch.randn(2, N_LANDMARKS, 3) * 50 + 200,
         torch.randn(2, 3) * 30,
     )
-    dynamic = {name: {0: "batch"} for name in (*INPUTS, OUTPUT)}
+    dynamic = {name: {0: "batch"} for name in (*MODEL_INPUTS, OUTPUT)}
     torch.onnx.export(
         model.eval(),
         example,
         str(path),
-        input_names=list(INPUTS),
+        input_names=list(MODEL_INPUTS),
         output_names=[OUTPUT],
         dynamic_axes=dynamic,
         opset_version=opset,
@@ -55,7 +55,7 @@ def sample_inputs(shards: str | None, split: str, n: int, seed: int = 0) -> dict
     """Real rows from a shard set for the parity check, or plausible random ones without it."""
     if shards:
         rows = read_split(ShardSet.open(shards), split)
-        return {k: rows[k][:n].astype(np.float32) for k in INPUTS}
+        return {k: rows[k][:n].astype(np.float32) for k in MODEL_INPUTS}
     rng = np.random.default_rng(seed)
     emb = rng.normal(size=(n, EMB_DIM)).astype(np.float32)
     return {
@@ -72,7 +72,7 @@ def parity(model: torch.nn.Module, onnx_path: str | Path, inputs: dict[str, np.n
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (onnx_out,) = sess.run([OUTPUT], inputs)
     with torch.no_grad():
-        torch_out = model.eval()(*(torch.from_numpy(inputs[k]) for k in INPUTS)).numpy()
+        torch_out = model.eval()(*(torch.from_numpy(inputs[k]) for k in MODEL_INPUTS)).numpy()
     return float(np.abs(onnx_out - torch_out).max())
 
 
@@ -85,8 +85,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--n", type=int, default=256, help="rows in the parity check")
     p.add_argument("--opset", type=int, default=17)
     args = cli.parse_args(p, argv)
-
-    from dist_train.evaluate import load_model
 
     try:
         model, cfg = load_model(args.checkpoint)

@@ -18,12 +18,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
+from tqdm import tqdm
 
 from dist_train import cli
-from dist_train.data.schema import EMB_DIM, N_LANDMARKS, YAW_BUCKETS, yaw_bucket_index
-from dist_train.export import INPUTS, OUTPUT
+from dist_train.data import pairing
+from dist_train.data.pairing import KEEP_POLICIES, group_centroids
+from dist_train.data.schema import EMB_DIM, MODEL_INPUTS, N_LANDMARKS, YAW_BUCKETS, yaw_bucket_index
+from dist_train.evaluate import inference_device
+from dist_train.export import OUTPUT
+from dist_train.extract import (
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    ExtractError,
+    Extractor,
+    Input,
+    Settings,
+    choose_providers,
+    filtered_inputs,
+    load_pack,
+)
+from dist_train.metrics import FARS, identification
 from dist_train.paths import output_file
+from dist_train.weights import load_model
+
+
+def _provider_device(device: str) -> str:
+    """``Frontalizer.load``'s torch-style device as onnxruntime's choice: cpu stays on the CPU, cuda[:N] demands CUDA."""
+    return "cuda" if str(device).startswith("cuda") else "auto" if device == "auto" else "cpu"
 
 
 class Frontalizer:
@@ -41,14 +64,8 @@ class Frontalizer:
         if backend == "auto":
             backend = "onnx" if path.suffix == ".onnx" else "torch"
         if backend == "onnx":
-            import onnxruntime as ort
-
-            providers = [
-                p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
-            ]
-            sess = ort.InferenceSession(str(path), providers=providers)
+            sess = onnxruntime.InferenceSession(str(path), providers=choose_providers(_provider_device(device)))
             return cls(lambda x: sess.run([OUTPUT], x)[0], backend)
-        from dist_train.evaluate import inference_device, load_model
 
         model, _ = load_model(path)
         device, autocast = inference_device(device, precision)
@@ -57,7 +74,7 @@ class Frontalizer:
         @torch.no_grad()
         def run(x):
             with autocast() if autocast else torch.autocast(device.type, enabled=False):
-                out = model(*(torch.from_numpy(x[k]).to(device) for k in INPUTS))
+                out = model(*(torch.from_numpy(x[k]).to(device) for k in MODEL_INPUTS))
             return out.float().cpu().numpy()
 
         return cls(run, backend)
@@ -112,7 +129,6 @@ def find_photos(root: Path, by_person: bool) -> tuple[list, list[dict]]:
     name and files directly in ROOT are listed as ``outside_identity``. Videos and other files are
     listed as ``unsupported_file``.
     """
-    from dist_train.extract import IMAGE_EXTS, VIDEO_EXTS, ExtractError, Input
 
     if not root.is_dir():
         raise ExtractError(f"{str(root)!r} is not a directory")
@@ -139,9 +155,6 @@ def analyse_photos(
 ) -> FaceSet:
     """The photos ``found`` below ``root`` (`find_photos`) through ``extract``'s Extractor, then extract's
     filters and keep policy (``pairing.select_faces``)."""
-    from dist_train.data import pairing
-    from dist_train.extract import filtered_inputs
-
     inputs, problems = found[0], list(found[1])
     results = []
     for i in range(0, len(inputs), batch_size):
@@ -195,7 +208,6 @@ def analyse_photos(
 
 def person_centroids(faces: FaceSet) -> tuple[np.ndarray, np.ndarray]:
     """(persons, centroids): each person's normalised mean embedding, as extract's ``tgt_centroid``."""
-    from dist_train.data.pairing import group_centroids
 
     order = np.argsort(faces.person, kind="stable")
     persons, starts = np.unique(faces.person[order], return_index=True)
@@ -209,7 +221,6 @@ def gallery_figures(queries: FaceSet, frontal: np.ndarray, persons: np.ndarray, 
     Queries whose person has no centroid are left out (counted). Rows: "all" and
     every |yaw| bucket (``schema.YAW_BUCKETS``) that holds queries.
     """
-    from dist_train.metrics import identification
 
     known = np.isin(queries.person, persons)
     bucket = yaw_bucket_index(queries.pose[:, 1])
@@ -234,7 +245,6 @@ def gallery_figures(queries: FaceSet, frontal: np.ndarray, persons: np.ndarray, 
 
 def format_figures(g: dict, gallery_faces: int) -> str:
     """The gallery figures as a table: one row for all queries, one per |yaw| bucket."""
-    from dist_train.metrics import FARS
 
     lines = [
         f"gallery: {len(g['persons'])} persons ({gallery_faces} faces); {g['queries']} query faces of these persons; "
@@ -254,7 +264,6 @@ def format_figures(g: dict, gallery_faces: int) -> str:
 
 def torch_device(device: str) -> str:
     """The torch device for ``--device``: as for onnxruntime, CUDA when present (auto) or demanded (cuda)."""
-    from dist_train.extract import ExtractError
 
     if device == "cpu" or not torch.cuda.is_available():
         if device == "cuda":
@@ -264,10 +273,6 @@ def torch_device(device: str) -> str:
 
 
 def run_photos(args) -> int:
-    from tqdm import tqdm
-
-    from dist_train.data import pairing
-    from dist_train.extract import Extractor, Settings, choose_providers, load_pack
 
     if args.min_score < args.det_thresh:
         raise ValueError(
@@ -356,18 +361,17 @@ def run_photos(args) -> int:
 def run_npz(args) -> int:
     with np.load(args.npz, allow_pickle=False) as z:
         data = {k: z[k] for k in z.files}
-    missing = [k for k in INPUTS if k not in data]
+    missing = [k for k in MODEL_INPUTS if k not in data]
     if missing:
-        raise ValueError(f"{args.npz} lacks arrays {missing}; it needs {list(INPUTS)}")
+        raise ValueError(f"{args.npz} lacks arrays {missing}; it needs {list(MODEL_INPUTS)}")
     model = Frontalizer.load(args.model, args.backend, torch_device(args.device), args.precision)
-    pred = model.frontalize(*(data[k] for k in INPUTS))
+    pred = model.frontalize(*(data[k] for k in MODEL_INPUTS))
     np.savez(output_file(args.out), **data, pred_emb=pred.astype(np.float32))
     print(f"dist-train frontalize: {len(pred)} rows -> {args.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dist_train.data.pairing import KEEP_POLICIES
 
     p = argparse.ArgumentParser(
         prog="dist-train frontalize",

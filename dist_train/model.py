@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_train.config import ModelConfig
-from dist_train.data.schema import EMB_DIM, N_LANDMARKS
+from dist_train.data.schema import EMB_DIM, MODEL_INPUTS, N_LANDMARKS
 from dist_train.geometry import LANDMARK_PARTS, dream_yaw_gate, encode_pose, normalize_keypoints
 
 POSE_FEATURES = 6  # encode_pose: sin and cos of pitch, yaw, roll
@@ -248,4 +248,5 @@ def model_inputs(batch: dict[str, torch.Tensor], emb_dtype: torch.dtype = torch.
     Landmarks are image pixels (thousands): in fp16 they lose whole pixels above 2048 and overflow
     above 65504, so they and the pose reach the model in fp32 and are normalised there.
     """
-    return batch["src_emb"].to(emb_dtype), batch["src_kps"].float(), batch["src_pose"].float()
+    emb, kps, pose = (batch[name] for name in MODEL_INPUTS)
+    return emb.to(emb_dtype), kps.float(), pose.float()

@@ -13,15 +13,16 @@ import os
 import signal
 from pathlib import Path
 
+from dist_train.rundir import RunDir
+
 STOP_FILE_ENV = "DIST_TRAIN_STOP_FILE"
-PREEMPTED = "PREEMPTED"
 
 
 class StopRequest:
     def __init__(self, run_dir: Path, accelerator):
         self.acc = accelerator
-        self.stop_file = Path(os.environ.get(STOP_FILE_ENV) or Path(run_dir) / "STOP")
-        self.marker = Path(run_dir) / PREEMPTED
+        self.stop_file = Path(os.environ.get(STOP_FILE_ENV) or RunDir(run_dir).stop)
+        self.marker = RunDir(run_dir).preempted
         self.reason: str | None = None
         if accelerator.is_main_process:  # stale requests of a previous job must not stop this one
             self.stop_file.unlink(missing_ok=True)

@@ -47,6 +47,11 @@ class Runtime:
         """`model.model_inputs` in this run's dtype: only the embedding is cast."""
         return model_inputs(batch, self.input_dtype)
 
+    def describe(self) -> str:
+        acc = self.accelerator
+        engine = f"DeepSpeed ZeRO-{self.deepspeed_stage}" if self.deepspeed_stage is not None else acc.distributed_type
+        return f"device {acc.device}, {self.precision}, {engine}"
+
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process

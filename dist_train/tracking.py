@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_train import rundir
 from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
+from dist_train.rundir import RunDir
 from dist_train.stepstats import Interval
 
 LOADER_COUNTERS = ("unreadable_rows", "nonfinite_rows", "bad_blocks", "shard_errors", "repeats", "dropped_tail")
@@ -38,7 +40,7 @@ class TrainLogger:
         # purge_step hides points a crashed run wrote after the checkpoint we resume from; TensorBoard drops
         # steps >= purge_step, and the checkpoint's own step was logged before it was saved
         tensorboard = {"purge_step": start_step + 1 if start_step else None, "flush_secs": 30}
-        accelerator.init_trackers("tb", init_kwargs={"tensorboard": tensorboard})
+        accelerator.init_trackers(rundir.TB, init_kwargs={"tensorboard": tensorboard})
         if self.is_main:
             for tracker in accelerator.trackers:  # the run's settings, where a tracker keeps them (not TensorBoard:
                 if tracker.name != "tensorboard":  # its hparams would add event folders that report would read)
@@ -159,7 +161,7 @@ class RowTrace:
     """
 
     def __init__(self, run_dir: Path, rank: int, start_step: int):
-        path = Path(run_dir) / "trace" / f"rows-rank{rank}-from{start_step:08d}.txt"
+        path = RunDir(run_dir).trace / f"rows-rank{rank}-from{start_step:08d}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "w")  # noqa: SIM115 - open for the whole run, closed in close()
 

@@ -15,10 +15,11 @@ import psutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dist_train.checkpoint import CKPT_DIR, COMPLETE, step_dir_name
+from dist_train.checkpoint import COMPLETE, step_dir_name
 from dist_train.data.schema import FIELDS
 from dist_train.data.shards import write_index, write_shard_set, write_split
 from dist_train.data.synth import SynthParams, generate, make_shard_set
+from dist_train.rundir import CHECKPOINTS
 
 
 @pytest.fixture(scope="session")
@@ -176,7 +177,7 @@ def kill_at_checkpoint_then_resume(run: TrainRun, step: int, result: dict) -> No
     Meant for a thread beside the test; ``result`` gets the killed run's exit code, or the error to re-raise.
     """
     try:
-        marker = run.run_dir / CKPT_DIR / step_dir_name(step) / COMPLETE
+        marker = run.run_dir / CHECKPOINTS / step_dir_name(step) / COMPLETE
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not marker.exists():
             assert run.proc.poll() is None, "the run ended before the checkpoint"

@@ -31,9 +31,6 @@ from safetensors.torch import save_file
 from dist_train import checkpoint as checkpoint_mod
 from dist_train import config as config_mod
 from dist_train.checkpoint import (
-    ABANDONED_DIR,
-    BEST_DIR,
-    CKPT_DIR,
     COMPLETE,
     CONSOLIDATED,
     STATE_FILE,
@@ -52,6 +49,7 @@ from dist_train.checkpoint import (
     step_dir_name,
 )
 from dist_train.config import CheckpointConfig, ConfigError
+from dist_train.rundir import ABANDONED, BEST, CHECKPOINTS
 
 # ---- fakes -----------------------------------------------------------------------------------------------
 
@@ -257,7 +255,7 @@ def test_overwrite_deletes_the_previous_runs_outputs_and_says_so(tmp_path, capsy
     ck, _ = make(tmp_path)
     save_steps(ck, "old", upto=4)
     run = ck.run_dir
-    for d in (BEST_DIR, "tb", "metrics", ABANDONED_DIR):
+    for d in (BEST, "tb", "metrics", ABANDONED):
         (run / d).mkdir()
         (run / d / "f").write_text("old")
     for f in ("DONE", "PREEMPTED", "config.yaml", "notes.txt"):
@@ -304,7 +302,7 @@ def test_explicit_resume_from_an_older_step_moves_the_abandoned_branch_aside(tmp
     ck, _ = make(tmp_path, keep_last=5)
     save_steps(ck, "r", upto=8)
     run = ck.run_dir
-    save_consolidated(run / BEST_DIR / CONSOLIDATED, {"w": torch.ones(2)}, ck.run_config, {"step": 6})
+    save_consolidated(run / BEST / CONSOLIDATED, {"w": torch.ones(2)}, ck.run_config, {"step": 6})
     (run / "DONE").write_text("8\n")
     (run / "metrics").mkdir()
     for s in (2, 4, 6, 8):
@@ -314,10 +312,10 @@ def test_explicit_resume_from_an_older_step_moves_the_abandoned_branch_aside(tmp
     older = ck.root / step_dir_name(4)
     assert ck.resolve_start(str(older), overwrite=False) == older
     assert steps(run) == [2, 4] and not list(ck.root.glob("*.tmp"))
-    (aside,) = (run / ABANDONED_DIR).iterdir()
+    (aside,) = (run / ABANDONED).iterdir()
     assert re.fullmatch(r"00000004-\d{8}T\d{6}", aside.name)
-    assert steps(aside) == [6, 8] and read_state(aside / CKPT_DIR / step_dir_name(8)).step == 8
-    assert (aside / BEST_DIR / CONSOLIDATED).is_file() and not (run / BEST_DIR).exists()
+    assert steps(aside) == [6, 8] and read_state(aside / CHECKPOINTS / step_dir_name(8)).step == 8
+    assert (aside / BEST / CONSOLIDATED).is_file() and not (run / BEST).exists()
     assert (aside / "DONE").is_file() and not (run / "DONE").exists()
     assert sorted(p.name for p in (aside / "metrics").iterdir()) == ["eval-step00000006.json", "eval-step00000008.json"]
     out = capsys.readouterr().out
@@ -335,7 +333,7 @@ def test_explicit_resume_of_the_newest_checkpoint_moves_nothing(tmp_path):
     save_steps(ck, "r", upto=4)
     newest = ck.root / step_dir_name(4)
     assert ck.resolve_start(str(newest), overwrite=False) == newest
-    assert steps(ck.run_dir) == [2, 4] and not (ck.run_dir / ABANDONED_DIR).exists()
+    assert steps(ck.run_dir) == [2, 4] and not (ck.run_dir / ABANDONED).exists()
 
 
 def test_explicit_resume_of_an_incomplete_checkpoint_is_refused(tmp_path):
@@ -367,7 +365,7 @@ def test_resume_from_a_copy_of_the_same_lineage_moves_newer_checkpoints_aside(tm
     copy = tmp_path / "elsewhere" / step_dir_name(2)
     shutil.copytree(ck.root / step_dir_name(2), copy)
     assert ck.resolve_start(str(copy), overwrite=False) == copy
-    assert steps(ck.run_dir) == [2] and steps(next((ck.run_dir / ABANDONED_DIR).iterdir())) == [4, 6]
+    assert steps(ck.run_dir) == [2] and steps(next((ck.run_dir / ABANDONED).iterdir())) == [4, 6]
 
 
 def test_load_restores_the_state_and_refuses_an_unsafe_checkpoint_first(tmp_path):
@@ -484,7 +482,7 @@ def test_a_failed_best_model_write_is_a_checkpoint_write_error(tmp_path, monkeyp
     ck.save_best(model, TrainState(step=5, run_id="r"), {"mean_cos": 0.9})  # written in the background
     with pytest.raises(CheckpointWriteError, match=r"best model \(step 5\) could not be written"):
         ck.close(TrainState(step=6, run_id="r"))  # (or the next save_best): the failure reaches every rank
-    assert not list((ck.run_dir / BEST_DIR).iterdir())
+    assert not list((ck.run_dir / BEST).iterdir())
 
 
 def test_save_best_outside_deepspeed_writes_the_models_fp32_weights(tmp_path):
@@ -608,7 +606,7 @@ def test_a_write_failing_on_one_rank_only_reaches_every_rank_without_a_hang(tmp_
         if mode == "deepspeed":
             assert "unexpected pos 275648 vs 275536" in msg
         assert by_rank[0]["in step"] == by_rank[1]["in step"] == "2.0"
-        root = tmp_path / mode / "run" / CKPT_DIR
+        root = tmp_path / mode / "run" / CHECKPOINTS
         assert sorted(p.name for p in root.iterdir()) == [step_dir_name(2)], "the partial .tmp is gone"
 
 
@@ -669,8 +667,8 @@ def test_best_model_of_a_zero_run_is_exactly_the_fp32_masters_of_its_step(zero_r
     run = zero_runs[stage]
     rc, log = run.finish()
     assert rc == 0, log[-3000:]
-    best, cfg, meta = load_consolidated(run.run_dir / BEST_DIR / CONSOLIDATED)
-    ckpt = run.run_dir / CKPT_DIR / step_dir_name(meta["step"])
+    best, cfg, meta = load_consolidated(run.run_dir / BEST / CONSOLIDATED)
+    ckpt = run.run_dir / CHECKPOINTS / step_dir_name(meta["step"])
     assert (ckpt / COMPLETE).is_file(), f"the checkpoint of the best step {meta['step']} was pruned"
     masters, _ = consolidate_checkpoint(ckpt)
     assert best.keys() == masters.keys() == build_model(cfg.model).state_dict().keys()
@@ -715,10 +713,10 @@ def test_lineage_end_to_end_refuse_resume_older_then_latest_then_overwrite(demo_
     assert ids_and_steps(run) == first and (run / "config.yaml").read_text() == config_before
 
     # an explicit resume from an older step moves the newer ones aside and continues from there
-    older = run / CKPT_DIR / step_dir_name(2)
+    older = run / CHECKPOINTS / step_dir_name(2)
     r = train(demo_shards, run, "--resume", str(older), "--max_steps", "4")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    (aside,) = (run / ABANDONED_DIR).iterdir()
+    (aside,) = (run / ABANDONED).iterdir()
     assert f"to {aside}" in r.stdout and f"resumed from {older} at step 2" in r.stdout
     assert [s for s, _, _ in ids_and_steps(aside)] == [4, 6]
     assert ids_and_steps(run) == [(2, run_id, -1), (4, run_id, 2)]
@@ -726,7 +724,7 @@ def test_lineage_end_to_end_refuse_resume_older_then_latest_then_overwrite(demo_
     # --resume latest continues the new branch, not the abandoned one
     r = train(demo_shards, run, "--resume", "latest")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert f"resumed from {run / CKPT_DIR / step_dir_name(4)} at step 4" in r.stdout
+    assert f"resumed from {run / CHECKPOINTS / step_dir_name(4)} at step 4" in r.stdout
     assert ids_and_steps(run) == [(2, run_id, -1), (4, run_id, 2), (6, run_id, 4)]
 
     # --overwrite starts over: a new lineage, the old outputs gone
@@ -735,7 +733,7 @@ def test_lineage_end_to_end_refuse_resume_older_then_latest_then_overwrite(demo_
     assert "--overwrite: deleted the previous run's checkpoints" in r.stdout
     fresh = ids_and_steps(run)
     assert [s for s, _, _ in fresh] == [2, 4, 6] and {i for _, i, _ in fresh} != {run_id}
-    assert all(f == -1 for _, _, f in fresh) and not (run / ABANDONED_DIR).exists()
+    assert all(f == -1 for _, _, f in fresh) and not (run / ABANDONED).exists()
 
 
 def test_disk_full_during_a_real_run_exits_4_with_one_line_and_resumes(demo_shards, small_tmpfs):
@@ -748,10 +746,10 @@ def test_disk_full_during_a_real_run_exits_4_with_one_line_and_resumes(demo_shar
     lines = [ln for ln in out.splitlines() if "could not be written" in ln]
     assert len(lines) == 1 and "Traceback" not in out, out[-3000:]
     assert "checkpoint step-00000004" in lines[0] and "free there" in lines[0]
-    assert f"the last complete checkpoint is {run / CKPT_DIR / step_dir_name(2)}" in lines[0]
-    assert [p.name for p in (run / CKPT_DIR).iterdir()] == [step_dir_name(2)], "no .tmp left behind"
+    assert f"the last complete checkpoint is {run / CHECKPOINTS / step_dir_name(2)}" in lines[0]
+    assert [p.name for p in (run / CHECKPOINTS).iterdir()] == [step_dir_name(2)], "no .tmp left behind"
     small_tmpfs.mount("64m", remount=True)
     r = train(demo_shards, run, "--resume", "latest")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert f"resumed from {run / CKPT_DIR / step_dir_name(2)} at step 2" in r.stdout
+    assert f"resumed from {run / CHECKPOINTS / step_dir_name(2)} at step 2" in r.stdout
     assert steps(run)[-1] == 6

@@ -17,8 +17,9 @@ import pytest
 from dist_train import cli
 from dist_train.checkpoint import CONSOLIDATED, complete_checkpoints, load_consolidated
 from dist_train.data.blocks import read_split
+from dist_train.data.schema import MODEL_INPUTS
 from dist_train.data.shards import ShardSet
-from dist_train.export import INPUTS, ONNX_NAME, OUTPUT, PARITY_TOL
+from dist_train.export import ONNX_NAME, OUTPUT, PARITY_TOL
 from dist_train.frontalize import Frontalizer
 
 ATOL = 1e-4
@@ -66,7 +67,7 @@ def test_export_of_a_sharded_checkpoint_passes_the_onnx_parity_check(exported, d
 def test_frontalizer_on_exported_files_reproduces_eval_predictions_row_for_row(exported, name, backend):
     model = Frontalizer.load(exported.out / name)
     assert model.backend == backend
-    pred = model.frontalize(*(exported.val[k] for k in INPUTS))
+    pred = model.frontalize(*(exported.val[k] for k in MODEL_INPUTS))
     assert pred.shape == exported.predictions.shape == (len(exported.val["src_emb"]), 512)
     np.testing.assert_allclose(pred, exported.predictions, atol=ATOL)
     identity = exported.val["src_emb"] / np.linalg.norm(exported.val["src_emb"], axis=1, keepdims=True)
@@ -76,13 +77,13 @@ def test_frontalizer_on_exported_files_reproduces_eval_predictions_row_for_row(e
 
 def test_frontalize_command_round_trips_an_npz(exported, tmp_path):
     src = tmp_path / "in.npz"
-    np.savez(src, **{k: exported.val[k] for k in (*INPUTS, "identity")})
+    np.savez(src, **{k: exported.val[k] for k in (*MODEL_INPUTS, "identity")})
     out = tmp_path / "out.npz"
     assert cli.main(["frontalize", "--model", str(exported.out / ONNX_NAME), "--npz", str(src), "--out", str(out)]) == 0
     with np.load(out) as z:
         got = {k: z[k] for k in z.files}
-    assert set(got) == {*INPUTS, "identity", OUTPUT}
-    for k in (*INPUTS, "identity"):
+    assert set(got) == {*MODEL_INPUTS, "identity", OUTPUT}
+    for k in (*MODEL_INPUTS, "identity"):
         np.testing.assert_array_equal(got[k], exported.val[k])
     assert got[OUTPUT].dtype == np.float32
     np.testing.assert_allclose(got[OUTPUT], exported.predictions, atol=ATOL)

@@ -25,9 +25,9 @@ import psutil
 import pytest
 import yaml
 
-from dist_train.checkpoint import CKPT_DIR, COMPLETE, step_dir_name
+from dist_train.checkpoint import COMPLETE, step_dir_name
 from dist_train.config import Config
-from dist_train.loop import DONE
+from dist_train.rundir import CHECKPOINTS, DONE
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_DIR = REPO / "launch" / "accelerate"
@@ -201,7 +201,7 @@ class Launch:
 def kill_one_rank_after_first_checkpoint(launch: Launch, result: dict) -> None:
     """SIGKILL one worker once a complete checkpoint exists, as a crashing GPU or OOM kill would."""
     try:
-        marker = launch.run_dir / CKPT_DIR / step_dir_name(ELASTIC_SAVE_EVERY) / COMPLETE
+        marker = launch.run_dir / CHECKPOINTS / step_dir_name(ELASTIC_SAVE_EVERY) / COMPLETE
         deadline = time.monotonic() + TIMEOUT_S
         while not marker.exists():
             assert launch.proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
@@ -249,7 +249,7 @@ def test_single_process_twin_trains_and_checkpoints(launches):
     assert rc == 0, log[-3000:]
     assert "[rank 0/1] finished at step 5" in log
     assert (run / DONE).read_text().strip() == "5"
-    assert (run / CKPT_DIR / step_dir_name(5) / COMPLETE).is_file()
+    assert (run / CHECKPOINTS / step_dir_name(5) / COMPLETE).is_file()
 
 
 def test_killed_rank_is_restarted_and_the_run_resumes_from_the_latest_checkpoint(launches):
@@ -261,7 +261,7 @@ def test_killed_rank_is_restarted_and_the_run_resumes_from_the_latest_checkpoint
     assert rc == 0, log[-4000:]
     assert f"(pid: {launch.kill['killed']})" in log  # torchrun saw the killed rank fail...
     resumed = re.search(
-        rf"dist-train: resumed from {re.escape(str(launch.run_dir / CKPT_DIR))}/step-(\d+) at step (\d+)", log
+        rf"dist-train: resumed from {re.escape(str(launch.run_dir / CHECKPOINTS))}/step-(\d+) at step (\d+)", log
     )
     assert resumed, log[-4000:]  # ...and the restarted ranks loaded the newest complete checkpoint
     step = int(resumed[2])
@@ -294,4 +294,4 @@ def test_misuse_is_refused_at_start_with_the_fix_in_the_message(launches, name, 
     assert f"dist-train train: error: {message}" in log or f"dist-train train: error: resampled: {message}" in log, log[
         -3000:
     ]
-    assert not (launches[name].run_dir / CKPT_DIR).exists(), "nothing may be trained"
+    assert not (launches[name].run_dir / CHECKPOINTS).exists(), "nothing may be trained"

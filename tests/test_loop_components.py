@@ -13,12 +13,15 @@ import torch
 from accelerate import Accelerator
 
 from dist_train.checkpoint import TrainState
-from dist_train.config import Config, ConfigError, EvalConfig
+from dist_train.config import Config, ConfigError, EvalConfig, TrainConfig
 from dist_train.data.stream import LoaderStats
 from dist_train.evaluate import Evaluator
 from dist_train.model import model_inputs
 from dist_train.optim import Stepper, build_optimizer, lr_table
-from dist_train.progress import count_interval, record_eval
+from dist_train.plan import Plan, check_resume
+from dist_train.preemption import StopRequest
+from dist_train.progress import EXIT_DIVERGED, Outcome, RunPolicy, count_interval, record_eval
+from dist_train.rundir import RunDir, eval_metrics_name, eval_metrics_step
 from dist_train.runtime import Runtime, deepspeed_config
 from dist_train.schedule import lr_at
 from dist_train.stepstats import Interval, StepStats
@@ -87,7 +90,7 @@ def test_overflow_skips_are_counted_apart_from_non_finite_losses():
 
 
 def m(cos: float, loss: float = 0.5, tar: float = 0.9) -> dict:
-    return {"mean_cos": cos, "loss": loss, "tar_at_far": {"0.001": {"pred": tar}, "0.01": {"pred": tar}}}
+    return {"n": 100, "mean_cos": cos, "loss": loss, "tar_at_far": {"0.001": {"pred": tar}, "0.01": {"pred": tar}}}
 
 
 def test_best_and_patience_follow_min_delta_and_never_a_non_finite_value():
@@ -111,6 +114,155 @@ def test_monitor_follows_its_metric_in_its_direction():
     assert record_eval(tar, m(0.5, tar=0.60), 1, "tar@0.001", min_delta=0.0)
     assert not record_eval(tar, m(0.9, tar=0.55), 2, "tar@0.001", min_delta=0.0)
     assert record_eval(tar, m(0.1, tar=0.61), 3, "tar@0.001", min_delta=0.0) and tar.best_step == 3
+
+
+def policy(**train) -> tuple[RunPolicy, TrainState, list[str]]:
+    said: list[str] = []
+    state = TrainState()
+    return RunPolicy(state, TrainConfig(**train), say=said.append), state, said
+
+
+def test_policy_stops_early_after_patience_evaluations_without_a_better_value():
+    run, state, _ = policy(early_stopping_patience=2, early_stopping_min_delta=0.01)
+    for step, cos in ((10, 0.70), (20, 0.75), (30, 0.755), (40, 0.80)):  # 0.755: not better by min_delta
+        state.step = step
+        assert run.judge(m(cos)) == (cos != 0.755) and run.outcome is None
+    state.step = 50
+    assert not run.judge(m(0.79)) and run.outcome is None
+    state.step = 60
+    assert not run.judge(m(0.80)) and run.outcome is Outcome.EARLY_STOPPED
+    assert (state.best_step, state.best_value) == (40, 0.80)
+    said, best = run.summary(run.outcome)[:-1], run.summary(run.outcome)[-1]
+    assert said == ["dist-train: early stop at step 60: val mean_cos gained no more than 0.01 for 2 evaluations"]
+    assert best == "dist-train: best val mean_cos 0.8000 (val cos 0.8000) at step 40"
+
+
+def test_policy_patience_zero_never_stops_and_a_non_finite_value_is_said_not_compared():
+    run, state, said = policy(early_stopping_patience=0)
+    state.step = 5
+    assert run.judge(m(0.5))
+    for step in range(6, 40):
+        state.step = step
+        assert not run.judge(m(NAN)) and run.outcome is None
+    assert len(said) == 34 and said[0].startswith("dist-train: warning: val mean_cos is nan at step 6")
+    assert "not compared with the best (0.5 at step 5)" in said[0]
+
+
+def test_policy_a_stop_request_outranks_early_stopping_which_outranks_divergence():
+    run, state, _ = policy(early_stopping_patience=1, max_bad_steps=2)
+    state.step = 4
+    run.count(interval([False, False, True, True]))  # diverged at step 4
+    assert run.outcome is Outcome.DIVERGED and run.diverged_at == 4
+    run.judge(m(0.5))
+    state.step = 8
+    run.count(interval([True, True, True, True]))
+    assert run.diverged_at == 4, "the first step of divergence is the one reported"
+    run.judge(m(0.4))
+    assert run.outcome is Outcome.EARLY_STOPPED
+    run.preempt()
+    assert run.outcome is Outcome.PREEMPTED
+    assert run.summary(Outcome.DIVERGED)[0].startswith(
+        "dist-train: error: 2 consecutive non-finite losses at step 4; checkpoint saved at step 8."
+    )
+
+
+def test_outcomes_say_what_the_run_directory_and_the_exit_code_get():
+    assert [o for o in Outcome if o.complete] == [Outcome.FINISHED, Outcome.EARLY_STOPPED]  # DONE + test split
+    assert {o: o.exit_code for o in Outcome} == {
+        Outcome.FINISHED: 0,
+        Outcome.EARLY_STOPPED: 0,
+        Outcome.PREEMPTED: 0,  # the job script requeues on PREEMPTED, not on the exit code
+        Outcome.DIVERGED: EXIT_DIVERGED,
+    }
+
+
+# ---- plan arithmetic and a resume's geometry -----------------------------------------------------------
+
+
+def test_plan_counts_steps_from_the_global_batch_and_caps_at_max_steps():
+    plan = Plan(micro_batch=32, accumulation=4, world_size=16, samples_per_epoch=100_000)
+    assert (plan.global_batch, plan.steps_per_epoch, plan.batches_per_epoch) == (2048, 48, 192)
+    assert plan.total_steps(epochs=10, max_steps=None) == 480 and plan.total_steps(epochs=10, max_steps=100) == 100
+    assert Plan(32, 4, 16, samples_per_epoch=1000).steps_per_epoch == 1, "an epoch smaller than a batch is one step"
+    assert plan.describe() == "micro batch 32 x accumulation 4 x world 16 = global batch 2048"
+
+
+class FakeAccelerator:
+    """What the loop's components use of an Accelerator, on one process."""
+
+    is_main_process = True
+    process_index, num_processes = 0, 1
+
+    def __init__(self):
+        self.printed: list[str] = []
+
+    def print(self, msg: str) -> None:
+        self.printed.append(msg)
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def saved_state(step: int, world: int, micro: int, accumulation: int, offset: int = 0) -> TrainState:
+    return TrainState(
+        step=step, world_size=world, micro_batch=micro, accumulation=accumulation, schedule_offset=offset,
+        data_fingerprint="abc",
+    )  # fmt: skip
+
+
+def test_resume_with_another_world_size_continues_the_schedule_at_the_same_epoch_fraction():
+    acc, cfg = FakeAccelerator(), Config()
+    runtime = Runtime(acc, "fp32", None)
+    plan = Plan(32, 1, 8, samples_per_epoch=25_600)  # 100 steps per epoch
+    assert check_resume(saved_state(150, 8, 32, 1, offset=7), plan, "abc", runtime, cfg) == 7, "same geometry"
+    assert acc.printed == []
+    # saved with 4 processes: 200 steps per epoch; step 300 is 1.5 epochs, which is position 150 now
+    assert check_resume(saved_state(300, 4, 32, 1), plan, "abc", runtime, cfg) == 150 - 300
+    assert "steps per epoch 200 -> 100, continuing the schedule at epoch 1.500" in acc.printed[0]
+
+
+def test_resume_refuses_a_changed_geometry_under_deepspeed_and_another_shard_set_unless_allowed():
+    cfg = Config()
+    plan = Plan(32, 1, 8, samples_per_epoch=25_600)
+    with pytest.raises(
+        ConfigError, match=r"saved world 4 x micro batch 32 x accumulation 1, now 8 x 32 x 1.*--init_from"
+    ):
+        check_resume(saved_state(300, 4, 32, 1), plan, "abc", Runtime(FakeAccelerator(), "fp32", 2), cfg)
+    with pytest.raises(ConfigError, match="another shard set.*--allow_data_change true"):
+        check_resume(saved_state(300, 8, 32, 1), plan, "xyz", Runtime(FakeAccelerator(), "fp32", None), cfg)
+    cfg.train.allow_data_change = True
+    assert check_resume(saved_state(300, 8, 32, 1), plan, "xyz", Runtime(FakeAccelerator(), "fp32", None), cfg) == 0
+
+
+# ---- the run directory and the stop request -------------------------------------------------------------
+
+
+def test_run_directory_names_are_the_documented_layout(tmp_path):
+    run = RunDir(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in (run.config, run.best_model, run.tb, run.done)] == [
+        "config.yaml",
+        "best/model.safetensors",
+        "tb",
+        "DONE",
+    ]
+    assert run.eval_metrics(120).name == eval_metrics_name(120) == "eval-step00000120.json"
+    assert eval_metrics_step("eval-step00000120.json") == 120
+    assert eval_metrics_step("test.json") is None and eval_metrics_step("eval-step12.json.tmp") is None
+
+
+def test_stop_request_from_the_stop_file_is_agreed_and_marked(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIST_TRAIN_STOP_FILE", raising=False)
+    run = RunDir(tmp_path)
+    run.stop.write_text("")  # a stale request of an earlier job: cleared when the run starts
+    stop = StopRequest(tmp_path, FakeAccelerator())
+    assert not run.stop.exists() and not stop.requested()
+    assert stop.agreed(any_rank=True) and stop.reason == "another rank was asked to stop"
+    run.stop.write_text("")
+    other = StopRequest.__new__(StopRequest)  # a second rank's view: the file appears after start-up
+    other.acc, other.stop_file, other.marker, other.reason = FakeAccelerator(), run.stop, run.preempted, None
+    assert other.requested() and other.reason == f"stop file {run.stop}"
+    other.mark(step=42)
+    assert run.preempted.read_text() == "42\n" and not run.stop.exists()
 
 
 @pytest.mark.parametrize("every,steps", [(0, [6, 12]), (4, [4, 6, 8, 12])])

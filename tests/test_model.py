@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from dist_train.config import LossConfig, ModelConfig, OptimConfig
-from dist_train.export import INPUTS, export_onnx
+from dist_train.data.schema import MODEL_INPUTS
+from dist_train.export import export_onnx
 from dist_train.geometry import dream_yaw_gate, mean_shape, rotation_matrices
 from dist_train.losses import FrontalLoss
 from dist_train.model import build_model
@@ -164,7 +165,7 @@ def test_onnx_export_matches_torch_for_any_batch_size(layout, tmp_path):
     assert max(o.version for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx")) >= 17
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batch = inputs(5, seed=3)  # exported with a batch of 2
-    (got,) = session.run(None, {name: t.numpy() for name, t in zip(INPUTS, batch)})
+    (got,) = session.run(None, {name: t.numpy() for name, t in zip(MODEL_INPUTS, batch)})
     with torch.no_grad():
         want = model.eval()(*batch).numpy()
     assert got.shape == (5, 512)

@@ -25,10 +25,10 @@ from conftest import FAST_TRAIN_FLAGS, RUN_ENV, RUN_TIMEOUT_S, TrainRun, kill_at
 from safetensors.torch import load_file
 
 from dist_train import config as config_mod
-from dist_train.checkpoint import CKPT_DIR, COMPLETE, STATE_FILE, step_dir_name
+from dist_train.checkpoint import COMPLETE, STATE_FILE, step_dir_name
 from dist_train.data.shards import ShardSet
-from dist_train.loop import DONE
 from dist_train.metrics import TRAIN_TAGS
+from dist_train.rundir import CHECKPOINTS, DONE
 from dist_train.schedule import lr_at
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_killed_exact_epoch_run_resumes_and_reads_every_row_once_per_epoch(exact
         raise run.kill_result["error"]
     rc, log = run.finish()
     assert rc == 0, log[-4000:]
-    assert f"resumed from {run.run_dir / CKPT_DIR / step_dir_name(KILL_AFTER)} at step {KILL_AFTER}" in log
+    assert f"resumed from {run.run_dir / CHECKPOINTS / step_dir_name(KILL_AFTER)} at step {KILL_AFTER}" in log
     assert len(list((run.run_dir / "trace").glob("rows-rank0-from*.txt"))) == 2, "two processes traced rank 0"
     total = ShardSet.open(small_shards).n_samples("train")
     per_epoch = total // (MICRO * WORLD) * MICRO * WORLD
@@ -112,7 +112,7 @@ def test_one_process_resume_with_another_batch_continues_the_schedule(demo_shard
     common += ["--samples_per_epoch", "1024", "--log_every_steps", "1"]
     plain = [*FAST_TRAIN_FLAGS, "--num_workers", "0", *common]
     first = TrainRun(tmp_path, "geometry", [*plain, "--batch_size", "64", "--save_every_steps", "4"])
-    marker = out / CKPT_DIR / step_dir_name(4) / COMPLETE
+    marker = out / CHECKPOINTS / step_dir_name(4) / COMPLETE
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not marker.exists() and first.proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -133,7 +133,7 @@ def test_one_process_resume_with_another_batch_continues_the_schedule(demo_shard
     assert lr[stopped + 1] == pytest.approx(lr_at(position, cfg.optim, 8, 32), rel=1e-6), "no jump in the schedule"
     end = stopped + 32 - position  # the 4 epochs end at schedule position 32
     assert (out / DONE).read_text().strip() == str(end)
-    state = json.loads((out / CKPT_DIR / step_dir_name(end) / STATE_FILE).read_text())
+    state = json.loads((out / CHECKPOINTS / step_dir_name(end) / STATE_FILE).read_text())
     assert (state["micro_batch"], state["schedule_offset"]) == (128, position - stopped)
 
 
@@ -181,7 +181,7 @@ def test_init_from_loads_weights_with_a_fresh_schedule_and_refuses_another_shape
     source, tuned, wrong = tmp_path / "source", tmp_path / "tuned", tmp_path / "wrong"
     data = ["--data_dir", str(demo_shards), "--log_every_steps", "1"]
     assert train(*data, "--output_dir", str(source), "--max_steps", "6").returncode == 0
-    ckpt = source / CKPT_DIR / step_dir_name(6)
+    ckpt = source / CHECKPOINTS / step_dir_name(6)
     init = ["--init_from", str(ckpt), "--max_steps", "1", "--cosine_eta_min", "0"]
     init += ["--lr", "1e-12", "--warmup_lr", "1e-12"]
     done = train(*data, "--output_dir", str(tuned), *init)
@@ -189,7 +189,7 @@ def test_init_from_loads_weights_with_a_fresh_schedule_and_refuses_another_shape
     assert f"initialised {len(load_file(str(ckpt / 'model.safetensors')))} of" in done.stdout
     assert scalars(tuned, TRAIN_TAGS["lr"])[1] == pytest.approx(1e-12), "a fresh schedule"
     a = load_file(str(ckpt / "model.safetensors"))
-    b = load_file(str(tuned / CKPT_DIR / step_dir_name(1) / "model.safetensors"))
+    b = load_file(str(tuned / CHECKPOINTS / step_dir_name(1) / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6, "the weights came from the checkpoint"
     refused = train(*data, "--output_dir", str(wrong), *init, "--d_model", "64", "--nhead", "2")
     assert refused.returncode == 2 and "init_from:" in refused.stderr and "different shape" in refused.stderr

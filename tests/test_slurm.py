@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.checkpoint import CKPT_DIR, COMPLETE, complete_checkpoints, step_dir_name
-from dist_train.loop import DONE
+from dist_train.checkpoint import COMPLETE, complete_checkpoints, step_dir_name
 from dist_train.metrics import TRAIN_TAGS
-from dist_train.preemption import PREEMPTED
+from dist_train.rundir import CHECKPOINTS, DONE, PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_DIR = REPO / "launch" / "slurm"
@@ -226,7 +225,7 @@ def test_one_node_zero2_job_trains_to_the_end_and_logs_both_ranks(jobs):
         assert any("DeepSpeed ZeRO-2" in line and "bf16" in line for line in ranks[r]), ranks[r]
         assert ranks[r][-1] == "finished at step 8"
     assert (run / DONE).read_text().strip() == "8"
-    assert (run / CKPT_DIR / step_dir_name(8) / COMPLETE).is_file()
+    assert (run / CHECKPOINTS / step_dir_name(8) / COMPLETE).is_file()
     assert logged_steps(run / "tb") == list(range(1, 9)), "TensorBoard should have the loss of each of the 8 steps"
     assert "dist-train job: finished: step 8" in job["log"]
 
@@ -246,7 +245,7 @@ def test_preempted_job_checkpoints_requeues_resumes_and_loses_no_step(jobs):
     n = int(stopped[1])
     assert PREEMPT_AT <= n < PREEMPT_STEPS
     assert f"dist-train job: stopped at step {n} with a complete checkpoint; requeueing job {job.id}" in log
-    assert f"resumed from {run / CKPT_DIR / step_dir_name(n)} at step {n}" in log
+    assert f"resumed from {run / CHECKPOINTS / step_dir_name(n)} at step {n}" in log
     assert "(restart 1)" in log
     # Both ranks stopped at the same step, and both finished at the end.
     ranks = rank_lines(log)

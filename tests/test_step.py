@@ -20,12 +20,13 @@ import pytest
 from conftest import FAST_TRAIN_FLAGS, TrainRun, full_block_shard_set, scalars
 from safetensors.torch import load_file
 
-from dist_train.checkpoint import CKPT_DIR, STATE_FILE, consolidate_checkpoint, step_dir_name
+from dist_train.checkpoint import STATE_FILE, consolidate_checkpoint, step_dir_name
 from dist_train.data.shards import ShardSet, write_index, write_split
 from dist_train.data.stream import TrainStream
 from dist_train.data.synth import SynthParams, generate
 from dist_train.evaluate import train_fields
 from dist_train.metrics import TRAIN_TAGS
+from dist_train.rundir import CHECKPOINTS
 
 MICRO, WORLD, STEPS = 16, 2, 6
 POISONED = {1: (0, "first"), 3: (1, "last")}  # 0-based window -> (rank, its micro batch) holding a huge landmark
@@ -113,7 +114,7 @@ def finished(run: TrainRun) -> Path:
 
 
 def weights(run_dir: Path, step: int) -> dict:
-    ckpt = run_dir / CKPT_DIR / step_dir_name(step)
+    ckpt = run_dir / CHECKPOINTS / step_dir_name(step)
     if (ckpt / "model.safetensors").is_file():
         return load_file(str(ckpt / "model.safetensors"))
     return consolidate_checkpoint(ckpt)[0]
@@ -123,7 +124,7 @@ def weights(run_dir: Path, step: int) -> dict:
 def test_a_non_finite_window_is_skipped_whole_counted_once_and_does_not_advance_the_lr(runs, name):
     run_dir = finished(runs[name])
     skipped = [w + 1 for w in POISONED]  # 1-based optimizer steps
-    state = (run_dir / CKPT_DIR / step_dir_name(STEPS) / STATE_FILE).read_text()
+    state = (run_dir / CHECKPOINTS / step_dir_name(STEPS) / STATE_FILE).read_text()
     assert '"nonfinite_steps": 2' in state and '"skipped_steps": 0' in state, state
     assert sorted(scalars(run_dir, TRAIN_TAGS["nonfinite_steps"]).items())[-1] == (STEPS, 2)
     lr = scalars(run_dir, TRAIN_TAGS["lr"])

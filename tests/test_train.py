@@ -32,12 +32,12 @@ from safetensors.torch import load_file
 
 from dist_train import cli
 from dist_train import config as config_mod
-from dist_train.checkpoint import CKPT_DIR, COMPLETE, CONSOLIDATED, STATE_FILE, save_consolidated, step_dir_name
+from dist_train.checkpoint import COMPLETE, CONSOLIDATED, STATE_FILE, save_consolidated, step_dir_name
 from dist_train.data.schema import YAW_BUCKETS
 from dist_train.data.shards import ShardSet
-from dist_train.loop import DONE
 from dist_train.metrics import TRAIN_TAGS
 from dist_train.model import build_model
+from dist_train.rundir import CHECKPOINTS, DONE
 
 # The design notes' schemes, flags verbatim (docs/design.md, "Prescriptions").
 SCHEME_1 = (
@@ -146,7 +146,7 @@ def test_zero_run_on_two_processes_learns_in_step_on_both_ranks_and_checkpoints(
     first, last = loss[min(loss)], loss[max(loss)]
     assert last < 0.8 * first, f"train/loss did not fall: {loss}"
     for step in range(ZERO_RUN_EVERY, ZERO_RUN_STEPS + 1, ZERO_RUN_EVERY):
-        ckpt = run.run_dir / CKPT_DIR / step_dir_name(step)
+        ckpt = run.run_dir / CHECKPOINTS / step_dir_name(step)
         assert (ckpt / COMPLETE).is_file(), f"no complete checkpoint at step {step}"
         assert json.loads((ckpt / STATE_FILE).read_text())["step"] == step
         assert (ckpt / "pytorch_model" / "latest").is_file() or (ckpt / "latest").is_file(), "no DeepSpeed engine state"
@@ -178,7 +178,7 @@ def test_micro_8_times_accumulation_4_matches_micro_32(runs):
     norm_a, norm_b = scalars(a, TRAIN_TAGS["grad_norm"]), scalars(b, TRAIN_TAGS["grad_norm"])
     np.testing.assert_allclose([norm_b[s] for s in norm_a], list(norm_a.values()), rtol=1e-4)
     last = step_dir_name(ACCUMULATION_STEPS)
-    wa, wb = (load_file(str(d / CKPT_DIR / last / "model.safetensors")) for d in (a, b))
+    wa, wb = (load_file(str(d / CHECKPOINTS / last / "model.safetensors")) for d in (a, b))
     assert wa.keys() == wb.keys()
     # Float rounding of the summed gradients, which Adam amplifies where a gradient is near zero (m / sqrt(v)):
     # a handful of the 280k elements differ by ~1e-4 (fused AdamW), the rest by < 2e-5.
@@ -197,7 +197,7 @@ def test_killed_run_resumes_from_latest_checkpoint_with_the_uninterrupted_loss_c
     assert run.kill_result["killed_rc"] == -9
     rc, log = run.finish()
     assert rc == 0, log[-4000:]
-    found = re.search(rf"resumed from {re.escape(str(run.run_dir / CKPT_DIR))}/step-(\d+) at step (\d+)", log)
+    found = re.search(rf"resumed from {re.escape(str(run.run_dir / CHECKPOINTS))}/step-(\d+) at step (\d+)", log)
     assert found, log[-4000:]
     at = int(found[2])
     assert int(found[1]) == at and at % ZERO_RUN_EVERY == 0 and at < ZERO_RUN_STEPS
@@ -240,7 +240,7 @@ def test_early_stopping_fires_on_a_plateau_at_the_same_step_on_every_rank(runs):
     )
     cos = [json.loads(p.read_text())["mean_cos"] for p in evals]
     assert max(cos) - min(cos) < 1e-4, cos
-    assert (run.run_dir / CKPT_DIR / step_dir_name(stop) / COMPLETE).is_file()
+    assert (run.run_dir / CHECKPOINTS / step_dir_name(stop) / COMPLETE).is_file()
 
 
 # ---- the design notes' schemes ------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def test_design_notes_scheme_runs_with_its_flags_verbatim(runs, scheme):
     lr = scalars(run.run_dir, TRAIN_TAGS["lr"])
     assert lr[1] == pytest.approx(cfg.optim.warmup_lr), "the first step runs at the warmup start lr"
     assert cfg.optim.warmup_lr < lr[2] < cfg.optim.lr, "then warmup climbs toward lr"
-    assert (run.run_dir / CKPT_DIR / step_dir_name(SCHEME_STEPS) / COMPLETE).is_file()
+    assert (run.run_dir / CHECKPOINTS / step_dir_name(SCHEME_STEPS) / COMPLETE).is_file()
 
 
 # ---- untrained model, non-finite rows ------------------------------------------------------------------------
@@ -354,6 +354,6 @@ def test_diverging_run_stops_after_max_bad_steps_with_a_checkpoint(demo_shards, 
     diverged, step = int(msg.group(1)), int(msg.group(2))
     # judged when the interval's values reach the host (every --log_every_steps steps): skipped steps change nothing
     assert diverged <= step < diverged + 10 and step < 60
-    assert (out / CKPT_DIR / step_dir_name(step) / COMPLETE).is_file()
+    assert (out / CHECKPOINTS / step_dir_name(step) / COMPLETE).is_file()
     assert not (out / DONE).exists()
-    assert json.loads((out / CKPT_DIR / step_dir_name(step) / STATE_FILE).read_text())["nonfinite_steps"] >= 3
+    assert json.loads((out / CHECKPOINTS / step_dir_name(step) / STATE_FILE).read_text())["nonfinite_steps"] >= 3

@@ -48,6 +48,19 @@ FIELDS: dict[str, Field] = {
 REQUIRED = tuple(n for n, f in FIELDS.items() if f.required)
 OPTIONAL = tuple(n for n, f in FIELDS.items() if not f.required)
 EMBEDDING_FIELDS = ("src_emb", "tgt_emb", "tgt_centroid", "oracle_emb")
+MODEL_INPUTS = ("src_emb", "src_kps", "src_pose")  # what the model reads, in its argument order
+TARGETS = {"sample": "tgt_emb", "centroid": "tgt_centroid"}  # config data.target -> the field trained toward
+
+
+def train_fields(target: str = "sample") -> tuple[str, ...]:
+    """What a training step reads: the model's inputs, the target and the identity (for the contrastive term)."""
+    return (*MODEL_INPUTS, "tgt_emb", "identity") + (("tgt_centroid",) if target == "centroid" else ())
+
+
+def target_of(batch: dict, target: str):
+    """The training target of a batch (arrays or tensors): the frontal sample, or the identity's centroid."""
+    return batch[TARGETS[target]]
+
 
 # |yaw| buckets in degrees, used by eval, inspect, report and synth summaries.
 YAW_EDGES = (0.0, 15.0, 30.0, 45.0, 60.0, 75.0, 90.0)

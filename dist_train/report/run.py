@@ -17,6 +17,7 @@ from dist_train.data.schema import YAW_BUCKETS
 from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
 from dist_train.report.ladder import match_rung
 from dist_train.report.thresholds import VERIFY_FAR
+from dist_train.rundir import RunDir
 
 
 class ReportError(ValueError):
@@ -167,11 +168,11 @@ def load_run(run_dir: str | Path) -> Run:
             "epoch axis; report reads runs written by `dist-train train`"
         )
     cfg = None
-    if (run_dir / config_mod.RESOLVED_NAME).is_file():
+    if RunDir(run_dir).config.is_file():
         try:
             cfg = config_mod.load_run_config(run_dir)
         except config_mod.ConfigError as e:
-            raise ReportError(f"{run_dir / config_mod.RESOLVED_NAME}: {e}") from e
+            raise ReportError(f"{RunDir(run_dir).config}: {e}") from e
     run = Run(run_dir.resolve().name, run_dir, tags, cfg)
     if cfg is not None:
         run.rung, run.rung_diff = match_rung(cfg)

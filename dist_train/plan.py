@@ -1,0 +1,113 @@
+"""What a run trains on and how its steps are counted: the shard sets, the batch arithmetic, a resume's geometry.
+
+Every rank computes the same `Plan` from the config and the index files (no
+communication): steps per epoch, micro batches per epoch and the total follow by
+arithmetic, so ranks agree on every epoch boundary without asking each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from dist_train.checkpoint import TrainState
+from dist_train.config import Config, ConfigError
+from dist_train.data.schema import train_fields
+from dist_train.data.shards import INDEX_NAME, ShardSet
+from dist_train.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Batch and step arithmetic, identical on every rank."""
+
+    micro_batch: int
+    accumulation: int
+    world_size: int
+    samples_per_epoch: int
+
+    @classmethod
+    def of(cls, cfg: Config, world_size: int, shard_sets: list[ShardSet]) -> Plan:
+        """The run's plan: an epoch is ``samples_per_epoch`` or the train splits' rows together."""
+        samples = cfg.data.samples_per_epoch or sum(s.n_samples(cfg.data.train_split) for s in shard_sets)
+        return cls(cfg.train.batch_size, cfg.train.gradient_accumulation_steps, world_size, samples)
+
+    def describe(self) -> str:
+        return (
+            f"micro batch {self.micro_batch} x accumulation {self.accumulation} x world {self.world_size} "
+            f"= global batch {self.global_batch}"
+        )
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.samples_per_epoch // self.global_batch)
+
+    @property
+    def batches_per_epoch(self) -> int:  # micro batches per rank
+        return self.steps_per_epoch * self.accumulation
+
+    def total_steps(self, epochs: int, max_steps: int | None) -> int:
+        total = epochs * self.steps_per_epoch
+        return min(total, max_steps) if max_steps else total
+
+
+def data_fingerprint(shard_sets: list[ShardSet]) -> str:
+    """What a checkpoint was trained on: a hash of the shard sets' index.json files, in order."""
+    digest = hashlib.sha256()
+    for shard_set in shard_sets:
+        digest.update((shard_set.root / INDEX_NAME).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def open_shard_sets(cfg: Config) -> list[ShardSet]:
+    """The run's shard sets, refused before training when one lacks a field or a split the run reads."""
+    sets = [ShardSet.open(path) for path in cfg.data.data_dir]
+    needed = train_fields(cfg.data.target)
+    for shard_set in sets:
+        missing = [f for f in needed if not shard_set.has(f)]
+        if missing:
+            raise ConfigError(
+                f"data_dir: {shard_set.root} has no field(s) {missing}, which this run reads (it has "
+                f"{shard_set.fields}); every shard set read together needs {list(needed)}"
+            )
+        shard_set.split(cfg.data.train_split)
+        shard_set.split(cfg.data.val_split)
+    return sets
+
+
+def check_resume(saved: TrainState, plan: Plan, fingerprint: str, runtime: Runtime, cfg: Config) -> int:
+    """Refuse a resume that cannot continue; else the schedule offset (position - step) to continue with.
+
+    Changing world size, micro batch or accumulation changes steps per epoch. One process or DDP
+    continue at the same fraction of the schedule; DeepSpeed's ZeRO partitions are bound to the
+    world size they were saved with, so a changed geometry is refused there before anything loads.
+    """
+    if saved.data_fingerprint and saved.data_fingerprint != fingerprint and not cfg.train.allow_data_change:
+        raise ConfigError(
+            f"resume: the checkpoint was trained on another shard set (index.json fingerprint "
+            f"{saved.data_fingerprint}, now {fingerprint} for {cfg.data.data_dir}); pass --allow_data_change true "
+            "to continue on this data, or --data_dir the set it was trained on"
+        )
+    old = (saved.world_size, saved.micro_batch, saved.accumulation)
+    new = (plan.world_size, plan.micro_batch, plan.accumulation)
+    if not saved.world_size or old == new:
+        return saved.schedule_offset
+    said = f"saved world {old[0]} x micro batch {old[1]} x accumulation {old[2]}, now {new[0]} x {new[1]} x {new[2]}"
+    if runtime.deepspeed_stage is not None:
+        raise ConfigError(
+            f"resume: {said}: DeepSpeed ZeRO checkpoints are bound to the geometry they were saved with. Resume with "
+            "the same processes, --batch_size and --gradient_accumulation_steps, or start a new run from its weights "
+            "(--init_from CHECKPOINT, which takes any checkpoint directory, with a fresh optimizer and schedule)"
+        )
+    old_plan = Plan(saved.micro_batch, saved.accumulation, saved.world_size, plan.samples_per_epoch)
+    epochs_done = (saved.step + saved.schedule_offset) / old_plan.steps_per_epoch
+    position = round(epochs_done * plan.steps_per_epoch)
+    runtime.accelerator.print(
+        f"dist-train: resume: {said}; steps per epoch {old_plan.steps_per_epoch} -> {plan.steps_per_epoch}, "
+        f"continuing the schedule at epoch {epochs_done:.3f} (step {saved.step} is schedule position {position})"
+    )
+    return position - saved.step

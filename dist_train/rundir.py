@@ -1,0 +1,113 @@
+"""The run directory's layout, named in one place.
+
+Trainer, checkpointer, evaluator, stop request, logger and report all read or
+write the same folder; each asks `RunDir` for its path instead of spelling the
+name, so the layout below is the whole contract (job scripts and users read it)::
+
+    config.yaml                 the resolved configuration of the run
+    checkpoints/step-NNNNNNNN/  resumable checkpoints (`dist_train.checkpoint`)
+    best/model.safetensors      the best model so far (fp32 weights, config in metadata)
+    metrics/                    eval-stepNNNNNNNN.json per evaluation, test.json at the end
+    tb/                         TensorBoard events (what `dist-train report` reads)
+    trace/                      row traces (--trace_rows)
+    abandoned/                  branches moved aside by a resume from an older checkpoint
+    DONE / PREEMPTED            the run ended (step inside) / stopped on request and will resume
+    STOP                        created by a job script or a person: stop at the next agreed step
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+CONSOLIDATED = "model.safetensors"  # consolidated fp32 weights: best/, each checkpoint, exports
+METRICS = "metrics"
+TB = "tb"
+TRACE = "trace"
+ABANDONED = "abandoned"
+DONE = "DONE"
+PREEMPTED = "PREEMPTED"
+STOP = "STOP"
+TEST_METRICS = "test.json"
+
+# what `--overwrite` deletes: the previous run's outputs (config.yaml is rewritten by the new run)
+OUTPUTS = (CHECKPOINTS, BEST, TB, METRICS, ABANDONED, DONE, PREEMPTED)
+
+
+_EVAL_METRICS = re.compile(r"^eval-step(\d+)\.json$")
+
+
+def eval_metrics_name(step: int) -> str:
+    return f"eval-step{step:08d}.json"
+
+
+def eval_metrics_step(name: str) -> int | None:
+    """The step of an ``eval-stepNNNNNNNN.json`` file name; None for any other name."""
+    m = _EVAL_METRICS.match(name)
+    return int(m[1]) if m else None
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def best(self) -> Path:
+        return self.root / BEST
+
+    @property
+    def best_model(self) -> Path:
+        return self.root / BEST / CONSOLIDATED
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    def eval_metrics(self, step: int) -> Path:
+        return self.root / METRICS / eval_metrics_name(step)
+
+    @property
+    def test_metrics(self) -> Path:
+        return self.root / METRICS / TEST_METRICS
+
+    @property
+    def tb(self) -> Path:
+        return self.root / TB
+
+    @property
+    def trace(self) -> Path:
+        return self.root / TRACE
+
+    @property
+    def abandoned(self) -> Path:
+        return self.root / ABANDONED
+
+    @property
+    def done(self) -> Path:
+        return self.root / DONE
+
+    @property
+    def preempted(self) -> Path:
+        return self.root / PREEMPTED
+
+    @property
+    def stop(self) -> Path:
+        return self.root / STOP
