@@ -48,6 +48,7 @@ import torch
 from dist_train import rundir
 from dist_train.config import CheckpointConfig, Config, ConfigError, config_from_dict
 from dist_train.rundir import CONSOLIDATED, RunDir
+from dist_train.runtime import all_gather, broadcast, distributed
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -278,10 +279,6 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def _collective() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 # ---- the checkpointer --------------------------------------------------------------------------------------
 
 
@@ -312,7 +309,7 @@ class Checkpointer:
 
     @property
     def _distributed(self) -> bool:
-        return self.acc.num_processes > 1 and _collective()
+        return distributed()
 
     def _say(self, msg: str) -> None:
         if self._main:
@@ -331,11 +328,7 @@ class Checkpointer:
                     raise
                 outcome = ("fail", _cause(e))
                 failure = e
-        if self._distributed:
-            box = [outcome]
-            torch.distributed.broadcast_object_list(box, src=0)
-            outcome = box[0]
-        kind, value = outcome
+        kind, value = broadcast(outcome)
         if kind == "config":
             raise ConfigError(value)
         if kind == "fail":
@@ -575,22 +568,13 @@ class Checkpointer:
     ) -> None:
         """Collective: every rank learns whether any rank failed; then all raise the same CheckpointWriteError."""
         local = None if error is None else _cause(error)
-        if self._distributed:
-            gathered: list = [None] * self.acc.num_processes
-            torch.distributed.all_gather_object(gathered, local)
-        else:
-            gathered = [local]
-        failed = [(rank, c) for rank, c in enumerate(gathered) if c is not None]
+        failed = [(rank, c) for rank, c in enumerate(all_gather(local)) if c is not None]
         if not failed:
             return
         message = None
         if self._main:
             message = self._failure_message(what, partial, failed, state, needed)
-        if self._distributed:
-            box = [message]
-            torch.distributed.broadcast_object_list(box, src=0)
-            message = box[0]
-        raise CheckpointWriteError(message) from error
+        raise CheckpointWriteError(broadcast(message)) from error
 
     def _failure_message(self, what: str, partial: Path, failed: list, state: TrainState, needed_bytes) -> str:
         written = _tree_bytes(partial) if partial.exists() else 0
@@ -653,7 +637,7 @@ class Checkpointer:
                     return fn(*args, **kwargs)
                 except Exception as e:
                     guard.error = guard.error or e
-                    if _collective():
+                    if distributed():
                         torch.distributed.barrier()  # the final barrier of save_checkpoint, which this rank skipped
                     return False
 

@@ -58,18 +58,61 @@ class Runtime:
 
     def sum_over_ranks(self, values: list[float]) -> list[float]:
         """Collective when distributed: element-wise sums over ranks (float64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(t)
-        return t.tolist()
+        return all_reduce_(torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)).tolist()
 
     def broadcast(self, value):
-        """Collective when distributed: rank 0's ``value`` on every rank (any picklable object)."""
-        if self.world_size == 1:
-            return value
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast(value)  # the module's function: one place talks to the process group
+
+    def all_gather(self, value) -> list:
+        return all_gather(value)
+
+    def gather_to_main(self, value) -> list | None:
+        return gather_to_main(value)
+
+
+# ---- the process group: every exchange of Python objects between ranks goes through these ------------------------
+
+
+def distributed() -> bool:
+    """Whether there are other ranks to talk to (a one-process run, or one without a process group, has none)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast(value):
+    """Collective when distributed: rank 0's ``value`` on every rank (any picklable object)."""
+    if not distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(value) -> list:
+    """Collective when distributed: every rank's ``value``, in rank order, on every rank."""
+    if not distributed():
+        return [value]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Collective when distributed: ``tensor`` summed (``op="sum"``) or maxed (``"max"``: any rank's flag) in place."""
+    if distributed():
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+        torch.distributed.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def gather_to_main(value) -> list | None:
+    """Collective when distributed: every rank's ``value`` in rank order on rank 0; None on the other ranks."""
+    if not distributed():
+        return [value]
+    dist = torch.distributed
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
 
 
 def _env_true(name: str) -> bool:

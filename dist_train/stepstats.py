@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
+
+from dist_train.runtime import all_reduce_
 
 
 @dataclass
@@ -107,8 +108,8 @@ class StepStats:
         flags = torch.stack(self.flags) if self.flags else torch.zeros(0, 2, dtype=torch.float64, device=self.device)
         either = torch.cat([flags.flatten(), torch.tensor(votes, dtype=torch.float64, device=self.device)])
         if self.world_size > 1:
-            dist.all_reduce(self.sums)  # loss sums and counts over ranks
-            dist.all_reduce(either, op=dist.ReduceOp.MAX)
+            all_reduce_(self.sums)  # loss sums and counts over ranks
+            all_reduce_(either, op="max")
         sums, either = self.sums.tolist(), either.tolist()
         steps = len(self.flags)
         out = Interval(
