@@ -21,10 +21,11 @@ import torch
 from dist_train import cli
 from dist_train.checkpoint import load_consolidated
 from dist_train.data.blocks import PART_IDENTITY_STRIDE
+from dist_train.data.eval_reader import eval_batches
 from dist_train.data.inspect import data_ceiling
 from dist_train.data.schema import target_of, train_fields
 from dist_train.data.shards import ShardSet
-from dist_train.data.stream import LoaderStats, eval_batches
+from dist_train.data.stream import LoaderStats
 from dist_train.metrics import quality, row_cos
 from dist_train.model import model_inputs
 from dist_train.paths import output_file
@@ -161,6 +162,8 @@ class Evaluator:
 
     def run(self, model, loss_fn, step: int, epoch: float, train_loss: float | None) -> dict:
         """Collective. Returns the same metrics dict on every rank."""
+        import torch.distributed as dist
+
         acc = self.rt.accelerator
         stats = LoaderStats()
         if self.rt.deepspeed_stage is None:  # eager and without DDP: no second (eval) compile, no collective
@@ -181,10 +184,13 @@ class Evaluator:
             stats=stats,
         )
         nonfinite, unreadable = map(int, self.rt.sum_over_ranks([stats.nonfinite_rows, stats.unreadable_rows]))
-        gathered = self.rt.gather_to_main(rows)
-        m = None
+        if acc.num_processes > 1:
+            gathered = [None] * acc.num_processes if acc.is_main_process else None
+            dist.gather_object(rows, gathered, dst=0)
+            if acc.is_main_process:
+                rows = {k: np.concatenate([g[k] for g in gathered if g]) for k in rows}
+        result = [None]
         if acc.is_main_process:
-            rows = {k: np.concatenate([g[k] for g in gathered if g]) for k in rows}
             m = metrics_of(rows, self.names)
             m.update(step=step, epoch=epoch, train_loss=train_loss)
             m["dropped_rows"] = {"nonfinite": nonfinite, "unreadable": unreadable}
@@ -193,7 +199,10 @@ class Evaluator:
             )
             self.dirs.metrics.mkdir(parents=True, exist_ok=True)
             self.dirs.eval_metrics(step).write_text(json.dumps(m, indent=2) + "\n")
-        return self.rt.broadcast(m)
+            result[0] = m
+        if acc.num_processes > 1:
+            dist.broadcast_object_list(result, src=0)
+        return result[0]
 
     def test_best(self, split: str) -> dict | None:
         """Collective: rank 0 evaluates the best model's file on ``split`` (when the set has that split).

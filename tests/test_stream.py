@@ -18,14 +18,9 @@ import torch
 import webdataset as wds
 
 from dist_train.data import blocks, shards
+from dist_train.data.eval_reader import eval_batch_count, eval_batches
 from dist_train.data.schema import EMB_DIM, N_LANDMARKS, finite_rows
-from dist_train.data.stream import (
-    LoaderStats,
-    TrainStream,
-    eval_batch_count,
-    eval_batches,
-    expand_urls,
-)
+from dist_train.data.stream import LoaderStats, TrainStream, expand_urls
 
 BLOCK = 32
 BATCH = 16
@@ -469,7 +464,8 @@ _DIST_SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
     from dist_train.data.shards import ShardSet
-    from dist_train.data.stream import TrainStream, eval_batches
+    from dist_train.data.eval_reader import eval_batches
+    from dist_train.data.stream import TrainStream
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ss = ShardSet.open(sys.argv[1])

@@ -1,4 +1,4 @@
-"""Training and validation batches from block-structured shards, read block by block (``blocks.py``).
+"""Training batches from block-structured shards, read block by block (``blocks.py``).
 
 Readers are the ranks x DataLoader workers. What each reader reads in an epoch is
 arithmetic on the split's block table, the same on every rank:
@@ -19,21 +19,14 @@ yields the epoch's batches after the first ``c``: the readers produce the same
 batches as the uninterrupted epoch and skip the first ones, which is how a
 resumed run reads each row once per epoch. Rows of up to ``shuffle_blocks``
 blocks are shuffled together before batches are cut. Bad blocks and rows with a
-non-finite value are skipped and counted in ``LoaderStats``. A batch leaves a
-DataLoader worker as one flat buffer (fields plus the worker's counters): torch
-hands each tensor between processes through its own socket and file
-descriptor, and one buffer instead of seven cut the loader's overhead
-(BENCHMARKS.md §2).
-
-``eval_batches`` splits a split's rows between ranks by arithmetic: every rank
-yields the same number of batches, and the rows marked valid cover the readable,
-finite rows of the split exactly once.
+non-finite value are skipped and counted in ``LoaderStats``.
+A batch leaves a DataLoader worker as one buffer (``transport.py``); evaluation
+reads through ``eval_reader.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import itertools
 import numbers
@@ -48,14 +41,10 @@ import torch
 
 from dist_train.data.blocks import BlockReader, BlockTable, combine, scan, split_table
 from dist_train.data.schema import FIELDS, REQUIRED, finite_rows
-from dist_train.data.shards import BadBlock, ShardSet, compute_dtype, widen
+from dist_train.data.shards import BadBlock, ShardSet
+from dist_train.data.transport import REPORTED, ROW, SHAPES, pack_batch, unpack_batch
 
-ROW = "row"  # pseudo-field: a row's number in the split (index order), for tracing what a run read
-_SHAPES = {**{name: f.shape for name, f in FIELDS.items()}, ROW: ()}
 _STORAGE = {**{name: np.dtype(f.storage) for name, f in FIELDS.items()}, ROW: np.dtype(np.int64)}
-_COMPUTE = {**{name: np.dtype(compute_dtype(name)) for name in FIELDS}, ROW: np.dtype(np.int64)}
-_ALIGN = 64  # byte alignment of each field inside a packed batch
-_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}  # compute_dtype's
 _PASS = "__pass__"  # per row: 0 the first read of the row this epoch, > 0 a repeat
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 _SHOWN = 5  # problems named in an error message
@@ -85,18 +74,6 @@ class LoaderStats:
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
-
-
-_REPORTED = (
-    "bad_blocks",
-    "unreadable_rows",
-    "nonfinite_rows",
-    "shard_errors",
-    "blocks_read",
-    "samples_read",
-    "repeats",
-)
-_REPORT_LEN = 1 + len(_REPORTED)  # worker id, then the counters
 
 
 def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -146,7 +123,7 @@ def worker_batches(batches: int, worker: int, num_workers: int) -> int:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _ReadPlan:
     """One rank's epoch; picklable for DataLoader workers (each derives its own share)."""
 
     table: BlockTable
@@ -166,11 +143,11 @@ class _Plan:
 _EXACT, _RESAMPLED, _MIXER, _WEIGHTED = 1, 2, 3, 4  # seed purposes
 
 
-def _block_order(plan: _Plan, *key: int) -> np.ndarray:
+def _block_order(plan: _ReadPlan, *key: int) -> np.ndarray:
     return np.random.default_rng(_seed(plan.seed, plan.epoch, *key)).permutation(len(plan.table.blocks))
 
 
-def _resampled_passes(plan: _Plan, worker: int) -> Iterator[list[tuple[int, int, int, int]]]:
+def _resampled_passes(plan: _ReadPlan, worker: int) -> Iterator[list[tuple[int, int, int, int]]]:
     """This reader's passes for ever: each a seeded permutation of all blocks as (block, first row, end row, 0).
 
     With ``weights`` (several shard sets) a pass is as many blocks, each drawn from one set, in the order of that
@@ -197,7 +174,7 @@ def _resampled_passes(plan: _Plan, worker: int) -> Iterator[list[tuple[int, int,
         yield drawn
 
 
-def _exact_range(plan: _Plan, worker: int, num_workers: int) -> tuple[int, int]:
+def _exact_range(plan: _ReadPlan, worker: int, num_workers: int) -> tuple[int, int]:
     """This reader's rows [start, stop) of the epoch's row sequence: whole batches, none shared."""
     per_rank = plan.batches_per_epoch * plan.batch_size
     before = sum(worker_batches(plan.batches_per_epoch, w, num_workers) for w in range(worker))
@@ -205,7 +182,7 @@ def _exact_range(plan: _Plan, worker: int, num_workers: int) -> tuple[int, int]:
     return start, start + worker_batches(plan.batches_per_epoch, worker, num_workers) * plan.batch_size
 
 
-def _exact_segments(plan: _Plan, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+def _exact_segments(plan: _ReadPlan, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
     """(block, first row, end row, pass) covering rows [start, stop) of the epoch's row sequence.
 
     The sequence is the blocks in the epoch's permuted order, pass after pass (a
@@ -230,14 +207,14 @@ def _exact_segments(plan: _Plan, start: int, stop: int) -> Iterator[tuple[int, i
 class _Reader:
     """One reader's counters for one epoch, and how it turns segments into rows."""
 
-    plan: _Plan
+    plan: _ReadPlan
     worker: int
     source: BlockReader
     stats: LoaderStats = dataclasses.field(default_factory=LoaderStats)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)  # block -> problem, since the last good block
 
     def report(self) -> np.ndarray:
-        return np.array([self.worker, *(getattr(self.stats, k) for k in _REPORTED)], dtype=np.int64)
+        return np.array([self.worker, *(getattr(self.stats, k) for k in REPORTED)], dtype=np.int64)
 
     def rows(self, block: int, lo: int, hi: int, pass_no: int, count_losses: bool) -> dict[str, np.ndarray] | None:
         """Finite rows [lo, hi) of a block (storage dtypes, a pass column), or None when none is usable."""
@@ -286,7 +263,7 @@ def _gather(parts: list[dict], offsets: np.ndarray, rows: np.ndarray, fields) ->
     Returns the field arrays and each row's pass number.
     """
     cuts = np.searchsorted(rows, offsets)
-    out = {f: np.empty((len(rows), *_SHAPES[f]), _STORAGE[f]) for f in fields}
+    out = {f: np.empty((len(rows), *SHAPES[f]), _STORAGE[f]) for f in fields}
     passes = np.empty(len(rows), np.int32)
     for part, start, a, b in zip(parts, offsets, cuts[:-1], cuts[1:]):
         if a == b:
@@ -296,78 +273,6 @@ def _gather(parts: list[dict], offsets: np.ndarray, rows: np.ndarray, fields) ->
             np.take(part[f], sel, axis=0, out=out[f][a:b], mode="clip")  # clip: no hidden buffer copy
         passes[a:b] = part[_PASS][sel]
     return out, passes
-
-
-@functools.lru_cache(maxsize=64)
-def _batch_layout(fields: tuple[str, ...], rows: int) -> tuple[list[tuple], int]:
-    """Where each part of a packed batch lies, (name, dtype, shape, byte offset, bytes), and the total bytes.
-
-    Part "" is the worker's report (``_Reader.report``); the fields follow in compute dtypes.
-    """
-    parts = [("", np.dtype(np.int64), (_REPORT_LEN,))]
-    parts += [(f, _COMPUTE[f], (rows, *_SHAPES[f])) for f in fields]
-    out, offset = [], 0
-    for name, dtype, shape in parts:
-        size = int(np.prod(shape)) * dtype.itemsize
-        out.append((name, dtype, shape, offset, size))
-        offset += -(-size // _ALIGN) * _ALIGN
-    return out, offset
-
-
-_RING_SLOTS = 8  # > the batches a worker may have in flight (the DataLoader asks 2 ahead) + those the trainer holds
-
-
-class _Ring:
-    """Batch buffers in shared memory that one DataLoader worker reuses round robin.
-
-    torch puts every tensor a worker returns into a fresh shared-memory segment (creating and faulting in its
-    pages: most of a worker's time per batch, BENCHMARKS.md §2); a tensor already in shared memory goes by
-    handle, and the receiving process maps each segment once (torch caches it). A slot is written again only
-    after the DataLoader has asked for _RING_SLOTS more batches; by then the receiving side has copied it out
-    (pinning copies it anyway; otherwise `TrainStream` copies: a memcpy, far cheaper than a new segment).
-    """
-
-    def __init__(self):
-        self.slots: dict[int, torch.Tensor] = {}
-        self.turn = 0
-
-    def buffer(self, nbytes: int) -> torch.Tensor:
-        slot, self.turn = self.turn % _RING_SLOTS, self.turn + 1
-        buf = self.slots.get(slot)
-        if buf is None or buf.numel() != nbytes:
-            buf = self.slots[slot] = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
-        return buf
-
-
-_ring = _Ring()  # per process: each DataLoader worker has its own (workers are fresh processes per epoch)
-
-
-def _pack(rows: dict[str, np.ndarray], report: np.ndarray, fields: tuple[str, ...]) -> tuple[torch.Tensor, int]:
-    """A batch in compute dtypes plus the worker's counters, in one uint8 tensor (one hand-off between processes)."""
-    n = len(rows[fields[0]])
-    layout, nbytes = _batch_layout(fields, n)
-    in_worker = torch.utils.data.get_worker_info() is not None
-    packed = _ring.buffer(nbytes) if in_worker else torch.empty(nbytes, dtype=torch.uint8)
-    buf = packed.numpy()
-    for name, dtype, shape, offset, size in layout:
-        view = buf[offset : offset + size].view(dtype).reshape(shape)
-        if name:
-            widen(name, rows[name], out=view)
-        else:
-            view[:] = report
-    return packed, n
-
-
-def _unpack(packed: tuple[torch.Tensor, int], fields: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Views into the packed buffer (no copy): the batch and the worker's counters."""
-    buf, n = packed
-    layout, _ = _batch_layout(fields, int(n))
-    views = {
-        name: buf[offset : offset + size].view(_TORCH_DTYPES[dtype]).view(shape)
-        for name, dtype, shape, offset, size in layout
-    }
-    report = views.pop("")
-    return views, report.tolist()
 
 
 class _Batcher:
@@ -403,7 +308,7 @@ class _Batcher:
                 continue
             batch, passes = _gather(parts, offsets, rows, plan.fields)
             self.reader.stats.repeats += int(np.count_nonzero(passes))
-            yield _pack(batch, self.reader.report(), plan.fields)
+            yield pack_batch(batch, self.reader.report(), plan.fields)
         rest, passes = _gather(parts, offsets, np.sort(index[n_batches * size :]), plan.fields)
         self.carry, self.buffer = {**rest, _PASS: passes}, []
 
@@ -416,7 +321,7 @@ def _until(batches: Iterator, batcher: _Batcher, owed: int) -> Iterator:
             return
 
 
-def _reader_batches(plan: _Plan) -> Iterator[tuple[torch.Tensor, int]]:
+def _reader_batches(plan: _ReadPlan) -> Iterator[tuple[torch.Tensor, int]]:
     """One reader's packed batches for one epoch: its share of the rank's batches (DataLoader deals round robin)."""
     worker, num_workers = _worker_info()
     reader = _Reader(plan, worker, BlockReader(plan.table, tuple(f for f in plan.fields if f != ROW)))
@@ -468,14 +373,14 @@ def _reader_batches(plan: _Plan) -> Iterator[tuple[torch.Tensor, int]]:
 
 
 class _Epoch(torch.utils.data.IterableDataset):
-    def __init__(self, plan: _Plan):
+    def __init__(self, plan: _ReadPlan):
         self.plan = plan
 
     def __iter__(self):
         return _reader_batches(self.plan)
 
 
-def _check_fields(fields: Sequence[str], shard_set: ShardSet | None) -> tuple[str, ...]:
+def check_fields(fields: Sequence[str], shard_set: ShardSet | None) -> tuple[str, ...]:
     fields = tuple(fields)
     unknown = [f for f in fields if f not in FIELDS]
     if unknown or not fields or len(set(fields)) != len(fields):
@@ -490,14 +395,14 @@ def _check_fields(fields: Sequence[str], shard_set: ShardSet | None) -> tuple[st
     return fields
 
 
-def _check_positive(**values: int) -> None:
+def check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_rank(rank: int, world_size: int) -> None:
-    _check_positive(world_size=world_size)
+def check_rank(rank: int, world_size: int) -> None:
+    check_positive(world_size=world_size)
     if not isinstance(rank, numbers.Integral) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}) for world_size {world_size}, got {rank!r}")
 
@@ -541,14 +446,14 @@ class TrainStream:
         weights: Sequence[float] | None = None,
         transient: bool = False,
     ):
-        _check_positive(batch_size=batch_size, batches_per_epoch=batches_per_epoch)
-        _check_rank(rank, world_size)
+        check_positive(batch_size=batch_size, batches_per_epoch=batches_per_epoch)
+        check_rank(rank, world_size)
         for name, value in (("shuffle_blocks", shuffle_blocks), ("num_workers", num_workers)):
             if not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{name} must be zero or a positive integer, got {value!r}")
         sets = _shard_sets(source)
         for shard_set in sets or [None]:
-            fields = _check_fields(fields, shard_set)
+            fields = check_fields(fields, shard_set)
         table = combine([split_table(s, split) for s in sets]) if sets else scan(expand_urls(source))
         if weights is not None:
             if len(weights) != table.parts or min(weights) <= 0 or not resampled:
@@ -572,7 +477,7 @@ class TrainStream:
         self.transient = transient
         self.epoch = 0
         self.start_batch = 0
-        self._plan = _Plan(
+        self._plan = _ReadPlan(
             table=table,
             fields=fields + ((ROW,) if trace_rows else ()),
             batch_size=batch_size,
@@ -618,7 +523,7 @@ class TrainStream:
     def _live_stats(self) -> LoaderStats:
         live = LoaderStats()
         for report in self._live.values():
-            for name, value in zip(_REPORTED, report):
+            for name, value in zip(REPORTED, report):
                 setattr(live, name, getattr(live, name) + value)
         return live
 
@@ -640,12 +545,12 @@ class TrainStream:
             batches = iter(loader)
         closed = False
         try:
-            # a worker's buffer is reused a few batches later (_Ring): take a copy unless pinning made one or the
+            # a worker's buffer is reused a few batches later (transport._Ring): take a copy unless pinning made one or the
             # consumer lets go of each batch before it takes the next few (the trainer)
             copy = self.num_workers > 0 and not self.pin_memory and not self.transient
             for left in range(len(self) - 1, -1, -1):
                 buf, n = next(batches)
-                batch, report = _unpack((buf.clone() if copy else buf, n), plan.fields)
+                batch, report = unpack_batch((buf.clone() if copy else buf, n), plan.fields)
                 self._live[report[0]] = report[1:]
                 if left == 0:  # counted before the last batch leaves: a loop may stop right after it
                     self._close_epoch(completed=True)
@@ -658,111 +563,3 @@ class TrainStream:
             close = getattr(batches, "close", None) or getattr(batches, "_shutdown_workers", None)
             if close is not None:
                 close()
-
-
-# --- validation ---------------------------------------------------------------------------------
-
-
-def _rank_rows(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous rows [lo, hi) of a rank; rank sizes differ by at most one row."""
-    return rank * total // world_size, (rank + 1) * total // world_size
-
-
-def eval_batch_count(shard_set: ShardSet, split: str, batch_size: int, world_size: int) -> int:
-    """Batches every rank yields from ``eval_batches`` (the same number on all ranks)."""
-    total = shard_set.n_samples(split)
-    most = -(-total // world_size)
-    return -(-most // batch_size)
-
-
-def _eval_parts(table: BlockTable, lo: int, hi: int, fields, stats: LoaderStats):
-    """(arrays or None, valid mask) for this rank's rows [lo, hi), in order; bad blocks and non-finite rows invalid."""
-    reader = BlockReader(table, fields)
-    try:
-        for index, block in enumerate(table.blocks):
-            a, b = max(lo, block.first_row), min(hi, block.first_row + block.n_rows)
-            if a >= b:
-                continue
-            try:
-                arrays = reader.read(index)
-            except (BadBlock, OSError) as e:
-                stats.bad_blocks += 1
-                stats.unreadable_rows += b - a
-                stats.shard_errors += isinstance(e, OSError)
-                yield None, np.zeros(b - a, bool)
-                continue
-            stats.blocks_read += 1
-            stats.samples_read += b - a
-            part = {f: arrays[f][a - block.first_row : b - block.first_row] for f in fields}
-            ok = finite_rows(part)
-            stats.nonfinite_rows += len(ok) - int(ok.sum())
-            yield part, ok
-    finally:
-        reader.close()
-
-
-def _padded_batch(parts: list, fields, template: dict | None) -> tuple[dict, torch.Tensor]:
-    """One batch from (arrays|None, valid) parts; invalid rows repeat valid rows so inputs stay finite."""
-    valid = np.concatenate([ok for _, ok in parts])
-    size = len(valid)
-    real = [(arrays, ok) for arrays, ok in parts if arrays is not None and ok.any()]
-    if real:
-        source = {f: np.concatenate([arrays[f][ok] for arrays, ok in real]) for f in fields}
-        n_real = int(valid.sum())
-        index = np.empty(size, np.int64)
-        index[valid] = np.arange(n_real)
-        index[~valid] = np.arange(size - n_real) % n_real
-    elif template is not None:  # nothing valid in this batch: repeat a row of the last valid batch
-        source, index = template, np.zeros(size, np.int64)
-    else:  # no valid row yet (fewer samples than ranks, or bad data first): zeros are finite
-        source = {f: np.zeros((1, *FIELDS[f].shape), FIELDS[f].storage) for f in fields}
-        index = np.zeros(size, np.int64)
-    batch = {f: torch.from_numpy(widen(f, np.ascontiguousarray(source[f][index]))) for f in fields}
-    return batch, torch.from_numpy(valid)
-
-
-def _eval_iter(parts_iter, n_batches: int, batch_size: int, fields):
-    parts: list = []
-    have, done = 0, 0
-    template = None
-    pad = [(None, np.zeros(n_batches * batch_size, bool))]  # padding up to the common batch count
-    for arrays, ok in itertools.chain(parts_iter, pad):
-        while len(ok) and done < n_batches:
-            take = min(len(ok), batch_size - have)
-            parts.append(((None if arrays is None else {f: v[:take] for f, v in arrays.items()}), ok[:take]))
-            if arrays is not None:
-                arrays = {f: v[take:] for f, v in arrays.items()}
-            ok = ok[take:]
-            have += take
-            if have == batch_size:
-                batch, valid = _padded_batch(parts, fields, template)
-                if valid.any():
-                    template = {f: batch[f].numpy()[:1] for f in fields}
-                yield batch, valid
-                parts, have, done = [], 0, done + 1
-
-
-def eval_batches(
-    shard_set: ShardSet,
-    split: str,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    *,
-    fields: Sequence[str] = REQUIRED,
-    stats: LoaderStats | None = None,
-) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """``(batch, valid)`` pairs covering this rank's contiguous share of the split, in order.
-
-    Every rank yields ``eval_batch_count(...)`` batches. Rows with ``valid``
-    True are, over all ranks, each readable finite sample of the split exactly
-    once; bad blocks and rows with a non-finite value become invalid rows
-    (counted in ``stats``) so the counts stay equal and no rank waits for another.
-    """
-    _check_positive(batch_size=batch_size)
-    _check_rank(rank, world_size)
-    fields = _check_fields(fields, shard_set)
-    table = split_table(shard_set, split)
-    lo, hi = _rank_rows(table.n_rows, rank, world_size)
-    n_batches = eval_batch_count(shard_set, split, batch_size, world_size)
-    return _eval_iter(_eval_parts(table, lo, hi, fields, stats or LoaderStats()), n_batches, batch_size, fields)
