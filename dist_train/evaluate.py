@@ -162,8 +162,6 @@ class Evaluator:
 
     def run(self, model, loss_fn, step: int, epoch: float, train_loss: float | None) -> dict:
         """Collective. Returns the same metrics dict on every rank."""
-        import torch.distributed as dist
-
         acc = self.rt.accelerator
         stats = LoaderStats()
         if self.rt.deepspeed_stage is None:  # eager and without DDP: no second (eval) compile, no collective
@@ -184,13 +182,10 @@ class Evaluator:
             stats=stats,
         )
         nonfinite, unreadable = map(int, self.rt.sum_over_ranks([stats.nonfinite_rows, stats.unreadable_rows]))
-        if acc.num_processes > 1:
-            gathered = [None] * acc.num_processes if acc.is_main_process else None
-            dist.gather_object(rows, gathered, dst=0)
-            if acc.is_main_process:
-                rows = {k: np.concatenate([g[k] for g in gathered if g]) for k in rows}
-        result = [None]
+        gathered = self.rt.gather_to_main(rows)
+        m = None
         if acc.is_main_process:
+            rows = {k: np.concatenate([g[k] for g in gathered if g]) for k in rows}
             m = metrics_of(rows, self.names)
             m.update(step=step, epoch=epoch, train_loss=train_loss)
             m["dropped_rows"] = {"nonfinite": nonfinite, "unreadable": unreadable}
@@ -199,10 +194,7 @@ class Evaluator:
             )
             self.dirs.metrics.mkdir(parents=True, exist_ok=True)
             self.dirs.eval_metrics(step).write_text(json.dumps(m, indent=2) + "\n")
-            result[0] = m
-        if acc.num_processes > 1:
-            dist.broadcast_object_list(result, src=0)
-        return result[0]
+        return self.rt.broadcast(m)
 
     def test_best(self, split: str) -> dict | None:
         """Collective: rank 0 evaluates the best model's file on ``split`` (when the set has that split).
