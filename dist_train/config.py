@@ -36,6 +36,37 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the key, the value and what is allowed."""
 
 
+def _need(cond: bool, key: str, value, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def _check(section, keys: tuple[str, ...], rule, allowed: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        _need(rule(value), key, value, allowed)
+
+
+def _positive_ints(section, *keys: str) -> None:
+    _check(section, keys, lambda v: v > 0, "must be a positive integer")
+
+
+def _positive_or_null(section, *keys: str) -> None:
+    _check(section, keys, lambda v: v is None or v > 0, "must be a positive integer or null")
+
+
+def _counts(section, *keys: str) -> None:  # 0 switches the feature off
+    _check(section, keys, lambda v: v >= 0, "must be zero or a positive integer")
+
+
+def _positive(section, *keys: str) -> None:
+    _check(section, keys, lambda v: v > 0, "must be positive")
+
+
+def _non_negative(section, *keys: str) -> None:
+    _check(section, keys, lambda v: v >= 0, "must be zero or positive")
+
+
 @dataclass
 class DataConfig:
     data_dir: Optional[list[str]] = None  # shard set directories (each holds index.json); several are read together
@@ -49,6 +80,22 @@ class DataConfig:
     num_workers: int = 1  # DataLoader worker processes per rank (0: read in the training process)
     samples_per_epoch: Optional[int] = None  # default: the train split's sample count from index.json
 
+    def validate(self) -> None:
+        _positive_or_null(self, "samples_per_epoch")
+        _counts(self, "num_workers", "shuffle_blocks")
+        if self.data_weights is not None:
+            weights = self.data_weights
+            n_sets = len(self.data_dir or [])
+            one_each = self.data_dir is not None and len(weights) == n_sets
+            _need(one_each, "data_weights", weights, f"give one weight per data_dir ({n_sets} shard sets)")
+            _need(all(w > 0 for w in weights), "data_weights", weights, "every weight must be positive")
+            _need(
+                self.resampled,
+                "data_weights",
+                weights,
+                "exact epochs (resampled: false) read every row once; sampling weights need resampled: true",
+            )
+
 
 @dataclass
 class AugmentConfig:
@@ -58,6 +105,15 @@ class AugmentConfig:
     landmark_jitter_px: float = 0.0  # std of Gaussian pixel noise on each landmark coordinate
     emb_noise: float = 0.0  # std of noise added to src_emb (per dimension, then re-normalised onto the sphere)
     drop_part_prob: float = 0.0  # probability that a sample loses one landmark part (jaw, brows, nose, eyes, mouth)
+
+    def validate(self) -> None:
+        _check(
+            self,
+            ("pose_jitter_deg", "landmark_jitter_px", "emb_noise"),
+            lambda v: v >= 0,
+            "must be zero (off) or positive",
+        )
+        _need(0.0 <= self.drop_part_prob <= 1.0, "drop_part_prob", self.drop_part_prob, "must be in [0, 1]")
 
 
 @dataclass
@@ -73,6 +129,13 @@ class ModelConfig:
     residual_mlp: bool = True  # residual head that also sees src_emb (see model.ResidualHead)
     gate: Literal["learned", "yaw", "none"] = "learned"  # how much correction per pose: learned, DREAM's yaw gate, 1
 
+    def validate(self) -> None:
+        _positive_ints(self, "d_model", "nhead", "num_layers", "dim_feedforward", "emb_chunks")
+        _need(self.d_model % self.nhead == 0, "d_model", self.d_model, f"must be divisible by nhead ({self.nhead})")
+        _need(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        chunks_fit = self.emb_tokens != "chunked" or EMB_DIM % self.emb_chunks == 0
+        _need(chunks_fit, "emb_chunks", self.emb_chunks, f"must divide {EMB_DIM}")
+
 
 @dataclass
 class LossConfig:
@@ -80,6 +143,17 @@ class LossConfig:
     cosine_weight: float = 0.8  # weight of the (1 - cos) term
     contrastive_weight: float = 0.0  # weight of the in-batch InfoNCE term (keeps identities apart); 0: off
     contrastive_temperature: float = 0.05  # temperature of the InfoNCE term
+
+    def validate(self) -> None:
+        _positive(self, "contrastive_temperature")
+        weights = ("mse_weight", "cosine_weight", "contrastive_weight")
+        _check(self, weights, lambda v: v >= 0, "loss weights must be zero or positive")
+        _need(
+            sum(getattr(self, w) for w in weights) > 0,
+            "cosine_weight",
+            self.cosine_weight,
+            "mse_weight, cosine_weight and contrastive_weight are all zero: nothing would be trained",
+        )
 
 
 @dataclass
@@ -93,6 +167,13 @@ class OptimConfig:
     cosine_eta_min: float = 1e-6  # learning rate at the end of the cosine
     restart_period_epochs: float = 10.0  # cosine_restarts: length of the first period, in epochs
     restart_mult: float = 2.0  # cosine_restarts: each period this many times longer than the last
+
+    def validate(self) -> None:
+        _positive(self, "lr", "warmup_lr")
+        _non_negative(self, "weight_decay", "cosine_eta_min", "grad_clip", "warmup_epochs")
+        _need(self.cosine_eta_min <= self.lr, "cosine_eta_min", self.cosine_eta_min, f"must not exceed lr ({self.lr})")
+        _need(self.restart_period_epochs > 0, "restart_period_epochs", self.restart_period_epochs, "must be positive")
+        _need(self.restart_mult >= 1, "restart_mult", self.restart_mult, "must be >= 1")
 
 
 @dataclass
@@ -117,11 +198,21 @@ class TrainConfig:
     early_stopping_min_delta: float = 1e-4  # the smallest change of the monitored metric that counts as better
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
 
+    def validate(self) -> None:
+        _positive_ints(self, "batch_size", "gradient_accumulation_steps", "epochs", "max_bad_steps")
+        _positive_or_null(self, "max_steps")
+        _counts(self, "early_stopping_patience")
+        _non_negative(self, "early_stopping_min_delta")
+
 
 @dataclass
 class EvalConfig:
     eval_every_steps: int = 0  # evaluate every N steps too (always at each epoch end)
     eval_max_samples: Optional[int] = None  # evaluate on at most this many val rows (null: all)
+
+    def validate(self) -> None:
+        _counts(self, "eval_every_steps")
+        _positive_or_null(self, "eval_max_samples")
 
 
 @dataclass
@@ -132,12 +223,26 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept (the best model's step is never pruned)
     best_every_minutes: float = 2.0  # the best model is written in the background, at most this often
 
+    def validate(self) -> None:
+        _positive_ints(self, "keep_last")
+        _counts(self, "save_every_steps", "save_every_epochs", "save_every_minutes", "best_every_minutes")
+
 
 @dataclass
 class LogConfig:
     log_every_steps: int = 10  # write training scalars (and read the device's counters) every N steps
     trace_rows: bool = False  # write each micro batch's row numbers to RUN_DIR/trace/ (what the run read)
     log_with: str = "tensorboard"  # Accelerate trackers, comma-separated: tensorboard (always) + wandb, mlflow, ...
+
+    def validate(self) -> None:
+        _positive_ints(self, "log_every_steps")
+        trackers = [n.strip() for n in self.log_with.split(",") if n.strip()]
+        _need(
+            "tensorboard" in trackers and set(trackers) <= set(TRACKERS),
+            "log_with",
+            self.log_with,
+            f"a comma-separated list from {list(TRACKERS)} including tensorboard (what `dist-train report` reads)",
+        )
 
 
 @dataclass
@@ -309,96 +414,13 @@ def build(values: dict) -> Config:
     return cfg
 
 
-def validate(cfg: Config, *, check_data: bool = True) -> None:
-    def need(cond: bool, key: str, value, allowed: str):
-        if not cond:
-            raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
-
-    m, t, o, lo, d = cfg.model, cfg.train, cfg.optim, cfg.loss, cfg.data
-    for key in ("d_model", "nhead", "num_layers", "dim_feedforward", "emb_chunks"):
-        need(getattr(m, key) > 0, key, getattr(m, key), "must be a positive integer")
-    for key in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every_steps", "keep_last", "max_bad_steps"):
-        sec = FLAT[key][0]
-        v = getattr(getattr(cfg, sec), key)
-        need(v > 0, key, v, "must be a positive integer")
-    for key in ("max_steps", "samples_per_epoch", "eval_max_samples"):
-        v = getattr(getattr(cfg, FLAT[key][0]), key)
-        need(v is None or v > 0, key, v, "must be a positive integer or null")
-    for key in (
-        "num_workers",
-        "eval_every_steps",
-        "save_every_steps",
-        "save_every_epochs",
-        "early_stopping_patience",
-        "shuffle_blocks",
-        "save_every_minutes",
-        "best_every_minutes",
-    ):
-        v = getattr(getattr(cfg, FLAT[key][0]), key)
-        need(v >= 0, key, v, "must be zero or a positive integer")
-    need(m.d_model % m.nhead == 0, "d_model", m.d_model, f"must be divisible by nhead ({m.nhead})")
-    need(0.0 <= m.dropout < 1.0, "dropout", m.dropout, "must be in [0, 1)")
-    need(m.emb_tokens != "chunked" or EMB_DIM % m.emb_chunks == 0, "emb_chunks", m.emb_chunks, f"must divide {EMB_DIM}")
-    for key in ("lr", "warmup_lr", "contrastive_temperature"):
-        v = getattr(getattr(cfg, FLAT[key][0]), key)
-        need(v > 0, key, v, "must be positive")
-    for key in ("weight_decay", "cosine_eta_min", "grad_clip", "warmup_epochs", "early_stopping_min_delta"):
-        v = getattr(getattr(cfg, FLAT[key][0]), key)
-        need(v >= 0, key, v, "must be zero or positive")
-    for key in ("pose_jitter_deg", "landmark_jitter_px", "emb_noise"):
-        v = getattr(cfg.augment, key)
-        need(v >= 0, key, v, "must be zero (off) or positive")
-    need(0.0 <= cfg.augment.drop_part_prob <= 1.0, "drop_part_prob", cfg.augment.drop_part_prob, "must be in [0, 1]")
-    for key in ("mse_weight", "cosine_weight", "contrastive_weight"):
-        v = getattr(lo, key)
-        need(v >= 0, key, v, "loss weights must be zero or positive")
-    need(
-        lo.mse_weight + lo.cosine_weight + lo.contrastive_weight > 0,
-        "cosine_weight",
-        lo.cosine_weight,
-        "mse_weight, cosine_weight and contrastive_weight are all zero: nothing would be trained",
-    )
-    trackers = [n.strip() for n in cfg.log.log_with.split(",") if n.strip()]
-    need(
-        "tensorboard" in trackers and set(trackers) <= set(TRACKERS),
-        "log_with",
-        cfg.log.log_with,
-        f"a comma-separated list from {list(TRACKERS)} including tensorboard (what `dist-train report` reads)",
-    )
-    need(o.warmup_epochs < t.epochs, "warmup_epochs", o.warmup_epochs, f"must be smaller than epochs ({t.epochs})")
-    need(o.cosine_eta_min <= o.lr, "cosine_eta_min", o.cosine_eta_min, f"must not exceed lr ({o.lr})")
-    need(o.restart_period_epochs > 0, "restart_period_epochs", o.restart_period_epochs, "must be positive")
-    need(o.restart_mult >= 1, "restart_mult", o.restart_mult, "must be >= 1")
-    if d.data_weights is not None:
-        need(
-            d.data_dir is not None and len(d.data_weights) == len(d.data_dir),
-            "data_weights",
-            d.data_weights,
-            f"give one weight per data_dir ({len(d.data_dir or [])} shard sets)",
-        )
-        need(all(w > 0 for w in d.data_weights), "data_weights", d.data_weights, "every weight must be positive")
-        need(
-            d.resampled,
-            "data_weights",
-            d.data_weights,
-            "exact epochs (resampled: false) read every row once; sampling weights need resampled: true",
-        )
-    if check_data and d.data_dir is not None:
-        from dist_train.data.shards import ShardSet, ShardSetError
-
-        for path in d.data_dir:
-            try:
-                ss = ShardSet.open(path)
-                ss.split(d.train_split)
-                ss.split(d.val_split)
-            except ShardSetError as e:
-                raise ConfigError(f"data_dir: {e}") from e
-            need(
-                d.target != "centroid" or ss.has("tgt_centroid"),
-                "target",
-                d.target,
-                f"shard set {path} has no tgt_centroid; use target: sample",
-            )
+def validate(cfg: Config) -> None:
+    """Each section checks its own settings; then the rules that span sections. No I/O: the shard sets
+    are checked when a run opens them (`plan.open_shard_sets`, and the job scripts' preflight)."""
+    for section in SECTION_TYPES:
+        getattr(cfg, section).validate()
+    o, t = cfg.optim, cfg.train
+    _need(o.warmup_epochs < t.epochs, "warmup_epochs", o.warmup_epochs, f"must be smaller than epochs ({t.epochs})")
 
 
 def _field_docs() -> dict[str, str]:
@@ -489,7 +511,7 @@ def config_from_dict(raw: dict) -> Config:
     for sec, vals in raw.items():
         for k, v in vals.items():
             setattr(getattr(cfg, sec), k, coerce(k, v))
-    validate(cfg, check_data=False)
+    validate(cfg)
     return cfg
 
 

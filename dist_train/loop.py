@@ -44,13 +44,13 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     ``trackers``: `accelerate.tracking.GeneralTracker` instances that receive what the run logs, besides
     the ``log_with`` trackers of the config.
     """
+    shard_sets = open_shard_sets(cfg)  # refused here, before any process group or file
     runtime = setup(cfg, trackers)
     acc = runtime.accelerator
     run_dir = RunDir(cfg.train.output_dir)
     torch.manual_seed(cfg.train.seed + runtime.rank)
 
     # ---- data, arithmetic, and where this run starts ----------------------------------------------
-    shard_sets = open_shard_sets(cfg)
     plan = Plan.of(cfg, runtime.world_size, shard_sets)
     steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     fingerprint = data_fingerprint(shard_sets)
@@ -236,7 +236,7 @@ def main(argv: list[str]) -> int:
     config_mod.add_arguments(p, preset=config_mod.preset_for_help(argv))
     args = cli.parse_args(p, argv)
     try:
-        return train(config_mod.require_data(config_mod.from_args(args)))
+        return train(config_mod.from_args(args))
     except (ConfigError, ShardSetError) as e:
         print(f"dist-train train: error: {e}", file=sys.stderr)
         return 2

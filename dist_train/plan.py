@@ -11,9 +11,9 @@ import hashlib
 from dataclasses import dataclass
 
 from dist_train.checkpoint import TrainState
-from dist_train.config import Config, ConfigError
+from dist_train.config import Config, ConfigError, require_data
 from dist_train.data.schema import train_fields
-from dist_train.data.shards import INDEX_NAME, ShardSet
+from dist_train.data.shards import INDEX_NAME, ShardSet, ShardSetError
 from dist_train.runtime import Runtime
 
 
@@ -64,18 +64,32 @@ def data_fingerprint(shard_sets: list[ShardSet]) -> str:
 
 
 def open_shard_sets(cfg: Config) -> list[ShardSet]:
-    """The run's shard sets, refused before training when one lacks a field or a split the run reads."""
-    sets = [ShardSet.open(path) for path in cfg.data.data_dir]
+    """The run's shard sets, refused before any work when one is missing or lacks a field or split the run reads.
+
+    The config's own validation does no I/O; this is the data check, run by `train` before it starts
+    processes talking to each other, and by the SLURM jobs' preflight before an allocation is used.
+    """
+    cfg = require_data(cfg)
     needed = train_fields(cfg.data.target)
-    for shard_set in sets:
+    sets = []
+    for path in cfg.data.data_dir:
+        try:
+            shard_set = ShardSet.open(path)
+            shard_set.split(cfg.data.train_split)
+            shard_set.split(cfg.data.val_split)
+        except ShardSetError as e:
+            raise ConfigError(f"data_dir: {e}") from e
         missing = [f for f in needed if not shard_set.has(f)]
+        if missing == ["tgt_centroid"]:
+            raise ConfigError(
+                f"target: 'centroid' is not allowed; shard set {path} has no tgt_centroid; use target: sample"
+            )
         if missing:
             raise ConfigError(
                 f"data_dir: {shard_set.root} has no field(s) {missing}, which this run reads (it has "
                 f"{shard_set.fields}); every shard set read together needs {list(needed)}"
             )
-        shard_set.split(cfg.data.train_split)
-        shard_set.split(cfg.data.val_split)
+        sets.append(shard_set)
     return sets
 
 

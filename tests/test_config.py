@@ -10,6 +10,7 @@ import yaml
 
 from dist_train import config
 from dist_train.config import ConfigError
+from dist_train.plan import open_shard_sets
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,11 +144,14 @@ def test_unknown_yaml_keys_and_bad_types(tmp_path):
         config.load_yaml("no-such-preset")
 
 
-def test_data_dir_without_shard_set_is_rejected(tmp_path):
+def test_data_dir_without_shard_set_is_rejected_when_the_run_opens_it(tmp_path):
+    cfg = parse([], data_dir=tmp_path)  # validation does no I/O; the run's data check does
     with pytest.raises(ConfigError, match=r"data_dir: .* holds no shard set \(no index.json\); create one with"):
-        parse([], data_dir=tmp_path)
+        open_shard_sets(cfg)
     with pytest.raises(ConfigError, match="does not exist"):
-        parse([], data_dir=tmp_path / "missing")
+        open_shard_sets(parse([], data_dir=tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="data_dir: not set; pass --data_dir DIR"):
+        open_shard_sets(parse([]))
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -21,6 +21,7 @@ from dist_train import cli
 from dist_train import config as config_mod
 from dist_train.config import ConfigError
 from dist_train.data.shards import ShardSetError
+from dist_train.plan import open_shard_sets
 
 ACCELERATE_DIR = Path("launch/accelerate")
 
@@ -59,7 +60,8 @@ def main(argv: list[str]) -> int:
         args, unknown = parser.parse_known_args(cli.spelled_as_parser(parser, trainer_flags))
         if unknown:
             raise ConfigError(f"unknown trainer arguments {unknown}; see `dist-train train --help`")
-        cfg = config_mod.require_data(config_mod.from_args(args))
+        cfg = config_mod.from_args(args)
+        open_shard_sets(cfg)  # the data check: the set exists and has the splits and fields the run reads
     except (ConfigError, ShardSetError) as e:
         print(f"dist-train job: error: {e}", file=sys.stderr)
         return 2
