@@ -46,9 +46,10 @@ from pathlib import Path
 import torch
 
 from dist_train import rundir
-from dist_train.config import CheckpointConfig, Config, ConfigError, config_from_dict
+from dist_train.config import CheckpointConfig, Config, ConfigError, config_from_dict, load_run_config
 from dist_train.rundir import CONSOLIDATED, RunDir
 from dist_train.runtime import all_gather, broadcast, distributed
+from dist_train.schedule import every
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -505,9 +506,8 @@ class Checkpointer:
 
     def due(self, step: int, completed_epoch: int | None = None, time_due: bool = False) -> bool:
         """Whether a checkpoint is due at ``step``: by time, every N steps, or at the end of every N-th epoch."""
-        every, epochs = self.cfg.save_every_steps, self.cfg.save_every_epochs
-        by_epoch = completed_epoch is not None and epochs > 0 and completed_epoch % epochs == 0
-        return time_due or by_epoch or (every > 0 and step % every == 0)
+        by_epoch = completed_epoch is not None and every(completed_epoch, self.cfg.save_every_epochs)
+        return time_due or by_epoch or every(step, self.cfg.save_every_steps)
 
     def maybe_save(
         self, state: TrainState, *, completed_epoch: int | None = None, time_due: bool = False, force: bool = False
@@ -844,8 +844,6 @@ def consolidate_checkpoint(path: str | Path) -> tuple[dict, Config]:
     if not (path / COMPLETE).is_file():
         raise ValueError(f"{path} is neither a consolidated .safetensors file nor a complete dist-train checkpoint")
     assert_loadable(path)
-    from dist_train.config import load_run_config
-
     cfg = load_run_config(path)
     if (path / "pytorch_model" / "latest").is_file() or (path / "latest").is_file():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -31,6 +31,7 @@ from dist_train.model import model_inputs
 from dist_train.paths import output_file
 from dist_train.probe import FRR_FAR, read_cached
 from dist_train.rundir import RunDir
+from dist_train.schedule import every
 from dist_train.weights import load_model
 
 
@@ -148,7 +149,7 @@ class Evaluator:
         self, cfg, runtime, shard_sets: list[ShardSet], split: str, batch_size: int, target: str, run_dir: Path
     ):
         self.cfg = cfg  # config.EvalConfig
-        self.rt = runtime
+        self.runtime = runtime
         self.shard_sets = shard_sets
         self.names = [str(s.root) for s in shard_sets]
         self.split = split
@@ -157,14 +158,13 @@ class Evaluator:
         self.dirs = RunDir(run_dir)
 
     def due(self, step: int, epoch_end: bool) -> bool:
-        every = self.cfg.eval_every_steps
-        return epoch_end or (every > 0 and step % every == 0)
+        return epoch_end or every(step, self.cfg.eval_every_steps)
 
     def run(self, model, loss_fn, step: int, epoch: float, train_loss: float | None) -> dict:
         """Collective. Returns the same metrics dict on every rank."""
-        acc = self.rt.accelerator
+        acc = self.runtime.accelerator
         stats = LoaderStats()
-        if self.rt.deepspeed_stage is None:  # eager and without DDP: no second (eval) compile, no collective
+        if self.runtime.deepspeed_stage is None:  # eager and without DDP: no second (eval) compile, no collective
             model = acc.unwrap_model(model, keep_torch_compile=False)
         rows = predict_sets(
             model,
@@ -177,12 +177,12 @@ class Evaluator:
             loss_fn=loss_fn,
             target=self.target,
             max_samples=self.cfg.eval_max_samples,
-            autocast=acc.autocast if self.rt.precision != "fp32" else None,
-            input_dtype=self.rt.input_dtype,
+            autocast=acc.autocast if self.runtime.precision != "fp32" else None,
+            input_dtype=self.runtime.input_dtype,
             stats=stats,
         )
-        nonfinite, unreadable = map(int, self.rt.sum_over_ranks([stats.nonfinite_rows, stats.unreadable_rows]))
-        gathered = self.rt.gather_to_main(rows)
+        nonfinite, unreadable = map(int, self.runtime.sum_over_ranks([stats.nonfinite_rows, stats.unreadable_rows]))
+        gathered = self.runtime.gather_to_main(rows)
         m = None
         if acc.is_main_process:
             rows = {k: np.concatenate([g[k] for g in gathered if g]) for k in rows}
@@ -194,7 +194,7 @@ class Evaluator:
             )
             self.dirs.metrics.mkdir(parents=True, exist_ok=True)
             self.dirs.eval_metrics(step).write_text(json.dumps(m, indent=2) + "\n")
-        return self.rt.broadcast(m)
+        return self.runtime.broadcast(m)
 
     def test_best(self, split: str) -> dict | None:
         """Collective: rank 0 evaluates the best model's file on ``split`` (when the set has that split).
@@ -202,7 +202,7 @@ class Evaluator:
         Writes ``metrics/test.json`` and returns the metrics there; None on other ranks and without a split
         or a best model. One process is enough: a test split is read once, at the end.
         """
-        acc = self.rt.accelerator
+        acc = self.runtime.accelerator
         best = self.dirs.best_model
         result = None
         sets = [s for s in self.shard_sets if split and split in s.splits]

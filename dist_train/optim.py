@@ -57,7 +57,7 @@ class Stepper:
     """
 
     def __init__(self, model, optimizer, runtime, cfg: Config, steps_per_epoch: int, total_steps: int, position: int):
-        self.model, self.optimizer, self.rt = model, optimizer, runtime
+        self.model, self.optimizer, self.runtime = model, optimizer, runtime
         self.grad_clip = cfg.optim.grad_clip
         self.deepspeed = runtime.deepspeed_stage is not None
         self.inner = getattr(optimizer, "optimizer", optimizer)  # torch's AdamW under Accelerate's wrapper
@@ -94,7 +94,7 @@ class Stepper:
             norm = float(norm) if norm is not None else float("nan")
             return not applied, norm
         if self.scaler is not None:
-            self.rt.accelerator.unscale_gradients()
+            self.runtime.accelerator.unscale_gradients()
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)

@@ -12,6 +12,9 @@ one of:
 - ``constant``: ``lr``.
 
 Steps count optimizer updates from 0; epochs may be fractional.
+
+`every` is the other schedule of a run: the cadence of periodic work (logging,
+evaluation, checkpoints), one rule for all of it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from __future__ import annotations
 import math
 
 from dist_train.config import OptimConfig
+
+
+def every(count: int, period: int) -> bool:
+    """Whether periodic work is due at ``count`` (a step or an epoch); a period of 0 switches it off."""
+    return period > 0 and count % period == 0
 
 SCHEDULERS = ("cosine", "cosine_restarts", "constant")
 

@@ -15,6 +15,7 @@ import torch
 from dist_train import rundir
 from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
 from dist_train.rundir import RunDir
+from dist_train.schedule import every
 from dist_train.stepstats import Interval
 
 LOADER_COUNTERS = ("unreadable_rows", "nonfinite_rows", "bad_blocks", "shard_errors", "repeats", "dropped_tail")
@@ -50,7 +51,7 @@ class TrainLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=2.0)
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.log_every_steps == 0
+        return every(step, self.cfg.log_every_steps)
 
     def add(self, interval: Interval) -> None:
         self.pending.merge(interval)
