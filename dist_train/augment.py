@@ -22,14 +22,15 @@ and export are never touched):
   noise) the pose is turned by what they did to ``face.pose``'s own fit:
   R' = R(fit(kps')) R(fit(kps))^T R(pose), written back as InsightFace's
   (pitch, yaw, roll). The fit is InsightFace's computation (affine least
-  squares of the mean shape, a fixed 4x68 matrix here, so one batched matmul;
-  ``P2sRt``; ``matrix2angle``), batched in torch. On real data the stored pose
-  *is* fit(kps), so the new pose is exactly what InsightFace would report for
-  the augmented landmarks (to 2e-4 deg, tests/test_augment.py). For a rigid
-  face (s R M + t from the mean shape M) the turn is exactly J; with identity
-  shape deformations, the fit's turn differs from J by a median 0.03 deg
-  (sigma = 2). A synthetic set's stored pose, the true rotation rather than the
-  fit, keeps its own offset from the fit unchanged.
+  squares of the mean shape, a fixed 4x68 matrix, so one batched matmul;
+  ``P2sRt``; ``matrix2angle``), `geometry.fitted_pose` on the batch's device.
+  On real data the stored pose *is* fit(kps), so the new pose is exactly what
+  InsightFace would report for the augmented landmarks (to 2e-4 deg,
+  tests/test_augment.py). For a rigid face (s R M + t from the mean shape M)
+  the turn is exactly J; with identity shape deformations, the fit's turn
+  differs from J by a median 0.03 deg (sigma = 2). A synthetic set's stored
+  pose, the true rotation rather than the fit, keeps its own offset from the
+  fit unchanged.
 - **embedding noise** (``emb_noise``): src_emb + N(0, sigma^2) per dimension,
   re-normalised onto the unit sphere; the expected cos to the clean embedding
   is about 1 / sqrt(1 + 512 sigma^2) (0.99 at sigma = 0.0063).
@@ -65,10 +66,10 @@ import torch
 
 from dist_train.config import AugmentConfig
 from dist_train.data.schema import N_LANDMARKS
-from dist_train.geometry import LANDMARK_PARTS, mean_shape
+from dist_train.geometry import LANDMARK_PARTS, matrix_to_pose, rotation_matrices
+from dist_train.geometry import fitted_pose as pose_from_landmarks  # face.pose of a batch, on its device
 
 AUGMENTED_FIELDS = ("src_emb", "src_kps", "src_pose")
-_DEG = math.pi / 180.0
 
 
 def enabled(cfg: AugmentConfig) -> list[str]:
@@ -92,53 +93,9 @@ def seed_generator(generator: torch.Generator, seed: int, rank: int, step: int, 
     return generator
 
 
-# ---- InsightFace's rotation conventions, batched in torch --------------------------------------------
-
-
-def rotation_matrices(pose_deg: torch.Tensor) -> torch.Tensor:
-    """(B, 3) pitch/yaw/roll degrees -> (B, 3, 3) R = Rz(roll) Ry(yaw) Rx(pitch), as `geometry.rotation_matrices`."""
-    p, y, r = (pose_deg * _DEG).unbind(-1)
-    cp, sp, cy, sy, cr, sr = p.cos(), p.sin(), y.cos(), y.sin(), r.cos(), r.sin()
-    one, zero = torch.ones_like(p), torch.zeros_like(p)
-    rx = torch.stack([one, zero, zero, zero, cp, -sp, zero, sp, cp], -1).unflatten(-1, (3, 3))
-    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).unflatten(-1, (3, 3))
-    rz = torch.stack([cr, -sr, zero, sr, cr, zero, zero, zero, one], -1).unflatten(-1, (3, 3))
-    return rz @ ry @ rx
-
-
-def matrix_to_pose(rot: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 3) -> (B, 3) pitch/yaw/roll degrees: insightface's ``transform.matrix2angle``, batched."""
-    sy = torch.sqrt(rot[:, 0, 0] ** 2 + rot[:, 1, 0] ** 2)
-    singular = sy < 1e-6
-    pitch = torch.where(singular, torch.atan2(-rot[:, 1, 2], rot[:, 1, 1]), torch.atan2(rot[:, 2, 1], rot[:, 2, 2]))
-    yaw = torch.atan2(-rot[:, 2, 0], sy)
-    roll = torch.where(singular, torch.zeros_like(sy), torch.atan2(rot[:, 1, 0], rot[:, 0, 0]))
-    return torch.stack([pitch, yaw, roll], dim=-1) / _DEG
-
-
-@functools.lru_cache(maxsize=8)
-def _mean_shape_pinv(device: torch.device) -> torch.Tensor:
-    """(4, 68) least-squares solver of [mean_shape, 1] P^T = landmarks (float32, on ``device``)."""
-    homo = np.hstack([mean_shape(), np.ones((N_LANDMARKS, 1))])
-    return torch.from_numpy(np.linalg.pinv(homo).astype(np.float32)).to(device)
-
-
-def fitted_rotation(kps: torch.Tensor) -> torch.Tensor:
-    """(B, 68, 3) landmarks -> (B, 3, 3): ``face.pose``'s R (affine fit of the mean shape, then ``P2sRt``)."""
-    linear = (_mean_shape_pinv(kps.device) @ kps)[:, :3].transpose(1, 2)  # (B, 3, 3): rows of P[:, :3]
-    r1 = torch.nn.functional.normalize(linear[:, 0], dim=-1)
-    r2 = torch.nn.functional.normalize(linear[:, 1], dim=-1)
-    return torch.stack([r1, r2, torch.linalg.cross(r1, r2)], dim=1)
-
-
-def pose_from_landmarks(kps: torch.Tensor) -> torch.Tensor:
-    """(B, 68, 3) -> (B, 3) degrees: `geometry.pose_from_landmarks` (InsightFace's ``face.pose``), batched in torch."""
-    return matrix_to_pose(fitted_rotation(kps))
-
-
 def random_rotations(n: int, std_deg: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """(n, 3, 3) rotations exp([w]x), w ~ N(0, std^2 I) radians (Rodrigues' formula, safe at w = 0)."""
-    w = torch.randn(n, 3, generator=generator, device=device) * (std_deg * _DEG)
+    w = torch.randn(n, 3, generator=generator, device=device) * math.radians(std_deg)
     theta2 = (w * w).sum(-1)
     theta = theta2.sqrt()
     small = theta < 1e-4

@@ -1,5 +1,9 @@
 """Face geometry in one place: keypoint normalisation, pose encoding, pose from landmarks.
 
+The pose maths (Euler angles <-> rotations in InsightFace's ``face.pose``
+convention, the batched landmark fit) takes numpy arrays or torch tensors, so
+data generation, inspection and training-time augmentation share one formula.
+
 `normalize_keypoints` and `encode_pose` are the only input encodings of the
 model; they run inside `forward`, so training, evaluation, the exported ONNX
 graph and the inference API cannot disagree about them.
@@ -15,6 +19,9 @@ import pickle
 
 import numpy as np
 import torch
+
+_DEG = math.pi / 180.0
+Array = np.ndarray | torch.Tensor  # what the pose maths takes and returns, one library in, the same out
 
 # iBUG 68-point facial parts (0-based, end exclusive), the default landmark tokens.
 LANDMARK_PARTS: dict[str, tuple[int, int]] = {
@@ -61,19 +68,83 @@ def mean_shape() -> np.ndarray:
         return np.asarray(pickle.load(f), dtype=np.float64)
 
 
-def rotation_matrices(pose_deg: np.ndarray) -> np.ndarray:
+def _xp(a: Array):
+    """The array library of ``a``: the pose formulas below are written once for numpy arrays and torch tensors."""
+    return torch if isinstance(a, torch.Tensor) else np
+
+
+def rotation_matrices(pose_deg: Array) -> Array:
     """(N, 3) pitch/yaw/roll degrees -> (N, 3, 3) with R = Rz(roll) Ry(yaw) Rx(pitch).
 
     This is the inverse of insightface's ``matrix2angle``, so landmarks made as
     ``s * R @ mean_shape`` give back the same pose through ``face.pose``'s code.
+    numpy input is computed in float64; a torch tensor keeps its dtype, device
+    and leading dimensions (``augment`` runs it batched on the training device).
     """
-    p, y, r = np.deg2rad(np.asarray(pose_deg, dtype=np.float64)).T
-    cp, sp, cy, sy, cr, sr = np.cos(p), np.sin(p), np.cos(y), np.sin(y), np.cos(r), np.sin(r)
-    one, zero = np.ones_like(p), np.zeros_like(p)
-    rx = np.stack([one, zero, zero, zero, cp, -sp, zero, sp, cp], -1).reshape(-1, 3, 3)
-    ry = np.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
-    rz = np.stack([cr, -sr, zero, sr, cr, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+    if not isinstance(pose_deg, torch.Tensor):
+        pose_deg = np.asarray(pose_deg, dtype=np.float64).reshape(-1, 3)
+    xp = _xp(pose_deg)
+    p, y, r = (pose_deg[..., i] * _DEG for i in range(3))
+    cp, sp, cy, sy, cr, sr = xp.cos(p), xp.sin(p), xp.cos(y), xp.sin(y), xp.cos(r), xp.sin(r)
+    one, zero = xp.ones_like(p), xp.zeros_like(p)
+    shape = tuple(p.shape) + (3, 3)
+    rx = xp.stack([one, zero, zero, zero, cp, -sp, zero, sp, cp], -1).reshape(shape)
+    ry = xp.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(shape)
+    rz = xp.stack([cr, -sr, zero, sr, cr, zero, zero, zero, one], -1).reshape(shape)
     return rz @ ry @ rx
+
+
+def matrix_to_pose(rot: Array) -> Array:
+    """(..., 3, 3) -> (..., 3) pitch/yaw/roll degrees: insightface's ``transform.matrix2angle``, batched."""
+    xp = _xp(rot)
+    sy = xp.sqrt(rot[..., 0, 0] ** 2 + rot[..., 1, 0] ** 2)
+    singular = sy < 1e-6
+    pitch = xp.where(singular, xp.arctan2(-rot[..., 1, 2], rot[..., 1, 1]), xp.arctan2(rot[..., 2, 1], rot[..., 2, 2]))
+    yaw = xp.arctan2(-rot[..., 2, 0], sy)
+    roll = xp.where(singular, xp.zeros_like(sy), xp.arctan2(rot[..., 1, 0], rot[..., 0, 0]))
+    return xp.stack([pitch, yaw, roll], -1) / _DEG
+
+
+@functools.lru_cache(maxsize=1)
+def _mean_shape_pinv() -> np.ndarray:
+    """(4, 68) float64 least-squares solver of [mean_shape, 1] P^T = landmarks."""
+    return np.linalg.pinv(np.hstack([mean_shape(), np.ones((len(mean_shape()), 1))]))
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_shape_pinv_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`_mean_shape_pinv` on ``device`` (cached: no host-to-device copy per batch)."""
+    return torch.from_numpy(_mean_shape_pinv()).to(device=device, dtype=dtype)
+
+
+def _unit(v: Array) -> Array:
+    """Rows scaled to length 1 (torch's ``normalize`` on tensors, as ``augment`` always did)."""
+    if isinstance(v, torch.Tensor):
+        return torch.nn.functional.normalize(v, dim=-1)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _cross(a: Array, b: Array) -> Array:
+    return torch.linalg.cross(a, b) if isinstance(a, torch.Tensor) else np.cross(a, b)
+
+
+def fitted_rotation(kps: Array) -> Array:
+    """(N, 68, 3) landmarks -> (N, 3, 3): ``face.pose``'s R (affine fit of the mean shape, then ``P2sRt``).
+
+    InsightFace's ``estimate_affine_matrix_3d23d`` solves the same least squares
+    one face at a time; one matmul with the mean shape's pseudo-inverse fits
+    them all (numpy: float64; torch: the tensor's dtype and device).
+    """
+    xp = _xp(kps)
+    pinv = _mean_shape_pinv_on(kps.device, kps.dtype) if xp is torch else _mean_shape_pinv()
+    linear = (pinv @ kps)[..., :3, :]  # (N, 3, 3): column c is row c of P[:, :3]
+    r1, r2 = _unit(linear[..., 0]), _unit(linear[..., 1])
+    return xp.stack([r1, r2, _cross(r1, r2)], -2)
+
+
+def fitted_pose(kps: Array) -> Array:
+    """(N, 68, 3) landmarks -> (N, 3) degrees: `pose_from_landmarks`' result, batched in numpy or torch."""
+    return matrix_to_pose(fitted_rotation(kps))
 
 
 def pose_from_landmarks(lmk: np.ndarray) -> np.ndarray:

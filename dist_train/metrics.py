@@ -238,6 +238,26 @@ TRAIN_TAGS = {
 # val/loss, val/val_train_loss_ratio, val_yaw/<bucket>/{cos,baseline,oracle},
 # val/tar_at_far_<far>/{pred,baseline}; plus "val/epoch" (the epoch evaluated).
 VAL_EPOCH_TAG = "val/epoch"  # the (fractional) epoch an evaluation was run at, logged beside scalars()
+VERIFY_FAR = "0.001"
+"""The FAR whose false-reject rate (1 - TAR) is shown beside cos, spelled as `scalars` writes it."""
+
+
+def val_tag(key: str) -> str:
+    """TensorBoard tag of a validation metric, exactly as `scalars` names it."""
+    (tag,) = scalars({key: 0.0})
+    return tag
+
+
+def yaw_tag(bucket: str, key: str) -> str:
+    """TensorBoard tag of a per-|yaw|-bucket figure (``key`` cos, baseline or oracle)."""
+    (tag,) = scalars({"per_yaw": {bucket: {key: 0.0}}})
+    return tag
+
+
+def tar_tag(key: str, far: str = VERIFY_FAR) -> str:
+    """TensorBoard tag of TAR at a FAR (``key`` pred or baseline)."""
+    (tag,) = scalars({"tar_at_far": {far: {key: 0.0}}})
+    return tag
 
 
 # What the best model and early stopping can follow (`--monitor`): name -> (how to read it, higher is better).

@@ -16,16 +16,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from dist_train.metrics import scalars
-
-FRR_FAR = "0.001"  # the FAR whose false-reject rate is plotted (metrics.scalars' tag spelling)
-
-
-def run_tar_tag(key: str) -> str:
-    """TensorBoard tag of TAR at FAR 1e-3 (``key`` pred or baseline), as `metrics.scalars` names it."""
-    (tag,) = scalars({"tar_at_far": {FRR_FAR: {key: 0.0}}})
-    return tag
-
+from dist_train.metrics import VERIFY_FAR, tar_tag
 
 DPI = 100
 
@@ -95,12 +86,12 @@ def ceiling_of(run):
 
 def probe_frr(run):
     p = run.probe()
-    tar = None if p is None else p.get("tar_at_far", {}).get(FRR_FAR, {}).get("pred")
+    tar = None if p is None else p.get("tar_at_far", {}).get(VERIFY_FAR, {}).get("pred")
     return None if tar is None else 1.0 - tar
 
 
 def frr_curve(run, key: str):
-    c = run.curve(run_tar_tag(key))
+    c = run.curve(tar_tag(key))
     return None if c is None else (c[0], 1.0 - c[1])
 
 

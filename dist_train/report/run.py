@@ -14,31 +14,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dist_train import config as config_mod
 from dist_train.data.schema import YAW_BUCKETS
-from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
+from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, tar_tag, val_tag, yaw_tag
 from dist_train.report.ladder import match_rung
-from dist_train.report.thresholds import VERIFY_FAR
 from dist_train.rundir import RunDir
 
 
 class ReportError(ValueError):
     """A run that cannot be read; the message names the directory and the fix."""
-
-
-def val_tag(key: str) -> str:
-    """TensorBoard tag of a validation metric, exactly as `metrics.scalars` names it."""
-    (tag,) = scalars({key: 0.0})
-    return tag
-
-
-def yaw_tag(bucket: str, key: str) -> str:
-    (tag,) = scalars({"per_yaw": {bucket: {key: 0.0}}})
-    return tag
-
-
-def tar_tag(key: str, far: str = VERIFY_FAR) -> str:
-    """TensorBoard tag of TAR at a FAR (``key`` pred or baseline)."""
-    (tag,) = scalars({"tar_at_far": {far: {key: 0.0}}})
-    return tag
 
 
 @dataclass

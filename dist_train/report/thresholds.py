@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dist_train.metrics import VERIFY_FAR  # noqa: F401  (diagnoses and summary read it here with the other numbers)
+
 PLATEAU_EPOCHS = 20.0
 """W: epochs without progress that make a plateau (design notes: "if still stuck after 20 epochs, try plan 2")."""
 PLATEAU_DELTA = 0.005
@@ -50,8 +52,6 @@ FLAT_SHARE = 0.5
 """A run flat for this share of its epochs (or PLATEAU_EPOCHS, if fewer) counts as flat between probe and ceiling."""
 FLAT_EVALS = 3
 """Evaluations at the flat level needed to call a short run flat."""
-VERIFY_FAR = "0.001"
-"""The FAR whose false-reject rate (1 - TAR) is shown beside cos."""
 SKIP_CALIBRATION_STEPS = 100
 """fp16 loss scalers skip a handful of steps while calibrating; the skip rate is judged after these steps."""
 SKIP_RATE_MAX = 0.01
