@@ -4,7 +4,7 @@
     python bench/bench_inspect.py --tiny       # seconds; a smoke test
 
 Each shard set (train 90% / val 10% of identities, every field synth writes,
-~5 KB a row on disk) is built from a pool of synthetic rows (dist_train.data.synth):
+~5 KB a row on disk) is built from a pool of synthetic rows (dist_train.synth):
 copy r flips the signs of a fixed random set of embedding components in all four
 embeddings (cos, norms and poses stay, the rows differ bit-wise) and shifts the
 identities, so a million realistic rows take seconds rather than synth's ~50 s.
@@ -44,7 +44,7 @@ def machine() -> str:
 
 def pool_rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """n synthetic rows in storage dtypes (16 a identity), from synth's own generator."""
-    from dist_train.data.synth import SynthParams, generate
+    from dist_train.synth import SynthParams, generate
 
     return generate(SynthParams(n_identities=max(2, -(-n // 16)), samples_per_identity=16, seed=seed))
 
@@ -101,9 +101,9 @@ def _status_mb(key: str) -> float:
 def load_impl(impl: str, tmp: Path):
     """The inspect module to measure: this tree's, or OLD_COMMIT's read from git (None if git cannot)."""
     if impl == "new":
-        from dist_train.data import inspect
+        from dist_train import inspect_cmd
 
-        return inspect
+        return inspect_cmd
     path = tmp / "old_inspect.py"
     done = subprocess.run(
         ["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:dist_train/data/inspect.py"], capture_output=True, text=True

@@ -65,7 +65,6 @@ from dist_train.config import AugmentConfig
 from dist_train.data.blocks import read_split
 from dist_train.data.schema import EMB_DIM, YAW_BUCKETS
 from dist_train.data.shards import ShardSet
-from dist_train.data.synth import SynthParams, make_shard_set
 from dist_train.geometry import dream_yaw_gate
 from dist_train.loop import train as run_training
 from dist_train.losses import FrontalLoss
@@ -74,6 +73,7 @@ from dist_train.model import ZeroInitLinear, build_model
 from dist_train.optim import build_optimizer
 from dist_train.rundir import DONE, RunDir
 from dist_train.schedule import lr_at
+from dist_train.synth import SynthParams, make_shard_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_trainer import BareLoop, cpu_seconds, load_average, memory_batches, versions  # noqa: E402

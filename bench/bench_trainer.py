@@ -44,11 +44,11 @@ from dist_train.data.blocks import read_split
 from dist_train.data.schema import EMB_DIM, N_LANDMARKS, train_fields
 from dist_train.data.shards import ShardSet
 from dist_train.data.stream import TrainStream
-from dist_train.data.synth import SynthParams, make_shard_set
 from dist_train.losses import FrontalLoss
 from dist_train.metrics import TRAIN_TAGS
 from dist_train.model import build_model
 from dist_train.optim import build_optimizer
+from dist_train.synth import SynthParams, make_shard_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loader import machine  # noqa: E402  (bench/ is not a package)

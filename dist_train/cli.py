@@ -9,9 +9,9 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("dist_train.data.synth", "generate a synthetic pose-distortion shard set (with oracle)"),
-    "pack": ("dist_train.data.pack", "convert .npz / .npy arrays into a shard set"),
-    "inspect": ("dist_train.data.inspect", "data-quality report of a shard set"),
+    "synth": ("dist_train.synth", "generate a synthetic pose-distortion shard set (with oracle)"),
+    "pack": ("dist_train.pack", "convert .npz / .npy arrays into a shard set"),
+    "inspect": ("dist_train.inspect_cmd", "data-quality report of a shard set"),
     "extract": ("dist_train.extract", "InsightFace images/videos -> shard set"),
     "train": ("dist_train.loop", "train the frontalizer (single process or under accelerate launch)"),
     "eval": ("dist_train.evaluate", "metrics of a checkpoint on a shard set split"),

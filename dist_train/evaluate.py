@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from dist_train import cli
+from dist_train.ceiling import data_ceiling
 from dist_train.checkpoint import load_consolidated
 from dist_train.data.blocks import PART_IDENTITY_STRIDE
 from dist_train.data.eval_reader import eval_batches
-from dist_train.data.inspect import data_ceiling
 from dist_train.data.schema import target_of, train_fields
 from dist_train.data.shards import ShardSet
 from dist_train.data.stream import LoaderStats

@@ -23,8 +23,6 @@ import torch
 from tqdm import tqdm
 
 from dist_train import cli
-from dist_train.data import pairing
-from dist_train.data.pairing import KEEP_POLICIES, group_centroids
 from dist_train.data.schema import EMB_DIM, MODEL_INPUTS, N_LANDMARKS, YAW_BUCKETS, yaw_bucket_index
 from dist_train.evaluate import inference_device
 from dist_train.export import OUTPUT
@@ -38,7 +36,9 @@ from dist_train.extract import (
     choose_providers,
     filtered_inputs,
     load_pack,
+    pairing,
 )
+from dist_train.extract.pairing import KEEP_POLICIES, group_centroids
 from dist_train.metrics import FARS, identification
 from dist_train.paths import output_file
 from dist_train.weights import load_model

@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from dist_train import cli
-from dist_train.data.pack import ZERO_NORM
+from dist_train.ceiling import identity_hashes
 from dist_train.data.schema import EMB_DIM, YAW_BUCKETS, finite_rows, yaw_bucket_index
 from dist_train.data.shards import INDEX_NAME, BadBlock, ShardSet, ShardSetError, widen
 from dist_train.metrics import FARS, MAX_PAIR_SAMPLES, _row_hash, impostor_and_tar
+from dist_train.pack import ZERO_NORM
 from dist_train.paths import output_file
 
 PROBE_VERSION = 1  # bump when the same set would give a different probe: old caches are then ignored
@@ -285,8 +286,6 @@ def holdout_fraction(n_train: int) -> float:
 
 def fit(shard_set: ShardSet, split: str = "train") -> dict:
     """One pass over the split: the fit part's normal equations and the held-out rows; alpha; the final weights."""
-    from dist_train.data.inspect import identity_hashes
-
     counts = {"bad_blocks": 0, "unreadable_rows": 0, "invalid_rows": 0, "holdout_dropped_rows": 0}
     limit = np.uint64(int(holdout_fraction(shard_set.n_samples(split)) * 2.0**64))
     eq = NormalEquations()

@@ -18,8 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dist_train.checkpoint import COMPLETE, step_dir_name
 from dist_train.data.schema import FIELDS
 from dist_train.data.shards import write_index, write_shard_set, write_split
-from dist_train.data.synth import SynthParams, generate, make_shard_set
 from dist_train.rundir import CHECKPOINTS
+from dist_train.synth import SynthParams, generate, make_shard_set
 
 
 @pytest.fixture(scope="session")

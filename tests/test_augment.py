@@ -12,9 +12,9 @@ from conftest import FAST_TRAIN_FLAGS, TrainRun, scalars
 
 from dist_train import augment as aug
 from dist_train.config import AugmentConfig
-from dist_train.data.synth import SynthParams, generate
 from dist_train.geometry import LANDMARK_PARTS, normalize_keypoints, pose_from_landmarks, rotation_matrices
 from dist_train.metrics import TRAIN_TAGS
+from dist_train.synth import SynthParams, generate
 
 PARTS = list(LANDMARK_PARTS.values())
 

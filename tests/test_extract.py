@@ -24,11 +24,12 @@ import onnxruntime
 import pytest
 
 from dist_train import extract
-from dist_train.data import pairing, splits
+from dist_train.data import splits
 from dist_train.data.blocks import read_split
-from dist_train.data.pack import pack as pack_arrays
 from dist_train.data.shards import ShardSet
+from dist_train.extract import pairing
 from dist_train.geometry import pose_from_landmarks
+from dist_train.pack import pack as pack_arrays
 
 IMAGES = Path(insightface.__file__).parent / "data" / "images"
 VIDEO_FRAMES, VIDEO_EVERY, VIDEO_SIZE = 12, 4, (320, 240)
@@ -344,7 +345,7 @@ def test_no_pairs_is_an_error_that_points_to_the_report(pack, tmp_path, capsys):
 
 def test_inspect_reads_the_extracted_set(extracted, tmp_path):
     try:
-        import dist_train.data.inspect  # noqa: F401
+        import dist_train.inspect_cmd  # noqa: F401
     except ImportError:
         pytest.skip("dist-train inspect is not written yet")
     out, _ = extracted

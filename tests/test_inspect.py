@@ -14,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_train.data import inspect as inspect_module
+from dist_train import ceiling
+from dist_train import inspect_cmd as inspect_module
+from dist_train.ceiling import row_hashes
 from dist_train.data.blocks import read_split
-from dist_train.data.inspect import (
+from dist_train.data.schema import EMBEDDING_FIELDS, YAW_BUCKETS, yaw_bucket_index
+from dist_train.data.shards import ShardSet, write_index, write_split
+from dist_train.inspect_cmd import (
     COS_BIN,
     LANDMARK_CHECK_MAX,
     MIN_ROBUST_SD,
@@ -27,13 +31,10 @@ from dist_train.data.inspect import (
     Reservoir,
     inspect,
     main,
-    row_hashes,
 )
-from dist_train.data.pack import ZERO_NORM
-from dist_train.data.schema import EMBEDDING_FIELDS, YAW_BUCKETS, yaw_bucket_index
-from dist_train.data.shards import ShardSet, write_index, write_split
-from dist_train.data.synth import SynthParams, generate
 from dist_train.metrics import quality, row_cos
+from dist_train.pack import ZERO_NORM
+from dist_train.synth import SynthParams, generate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -322,7 +323,7 @@ def test_inspect_memory_stays_flat_as_the_split_grows(memory_sets, monkeypatch):
     # MAX_PAIR_SAMPLES rows: a constant of the metric, not of the split, shrunk here so the streaming shows.
     monkeypatch.setattr(inspect_module, "MAX_PAIR_SAMPLES", 256)
     # Likewise the data ceiling keeps up to CEILING_IDENTITIES identities (~14 KB each): a cap, not growth.
-    monkeypatch.setattr(inspect_module, "CEILING_IDENTITIES", 64)
+    monkeypatch.setattr(ceiling, "CEILING_IDENTITIES", 64)
     peaks = {}
     for n, (path, _) in memory_sets.items():
         tracemalloc.start()
@@ -359,7 +360,7 @@ def test_inspect_benchmark_runs_and_reports_both_sizes():
 
 def synth_set(out: Path, **params) -> Path:
     """A two-split synthetic set (val 30% of identities) in small blocks, so the ceiling streams over many."""
-    from dist_train.data.synth import make_shard_set
+    from dist_train.synth import make_shard_set
 
     make_shard_set(out, SynthParams(**params), val_fraction=0.3, shard_samples=512, block_size=128)
     return out
@@ -385,7 +386,7 @@ def test_data_ceiling_recovers_a_planted_target_noise(tmp_path, noise, frontal_p
             assert abs(c["per_yaw"][b]["cos"] - truth) < 0.03, (b, c["per_yaw"][b])
     assert r["ceiling"]["n_identities"] == 200 and r["splits"]["val"]["ceiling"]["n_identities"] == 60
     # eval and report stream only three fields of one split: the same figures
-    alone = inspect_module.data_ceiling(out, "val")
+    alone = ceiling.data_ceiling(out, "val")
     assert {k: v for k, v in alone.items() if k not in ("split", "bad_blocks")} == r["splits"]["val"]["ceiling"]
 
 
@@ -395,7 +396,7 @@ def test_repeated_frontal_images_count_once():
     t = rng.standard_normal((2, 512)).astype(np.float32)
     t /= np.linalg.norm(t, axis=1, keepdims=True)
     rows = t[[0, 1, 0, 0, 0, 0]]
-    acc = inspect_module.TargetCeiling()
+    acc = ceiling.TargetCeiling()
     acc.add(np.zeros(3, np.int64), np.full(3, 4), rows[:3])  # repeats across blocks too
     acc.add(np.zeros(3, np.int64), np.full(3, 5), rows[3:])
     c = acc.report()
@@ -409,9 +410,9 @@ def test_ceiling_keeps_a_bounded_seeded_sample_of_identities(tmp_path):
     """With a cap, the identities with the smallest id hashes are kept, whatever the row order, all their rows used."""
     out = synth_set(tmp_path / "s", n_identities=200, samples_per_identity=6, seed=4, tgt_noise=0.75)
     a = read_split(ShardSet.open(out), "train")
-    got = inspect_module.data_ceiling(out, "train", max_identities=32)
+    got = ceiling.data_ceiling(out, "train", max_identities=32)
     ids = np.unique(a["identity"])
-    kept = ids[np.argsort(inspect_module.identity_hashes(ids))[:32]]
+    kept = ids[np.argsort(ceiling.identity_hashes(ids))[:32]]
     pair, weight = [], []
     for i in kept:
         t = a["tgt_emb"][a["identity"] == i].astype(np.float64)
@@ -426,12 +427,12 @@ def test_ceiling_keeps_a_bounded_seeded_sample_of_identities(tmp_path):
     assert abs(got["cos"] - 0.8) < 0.03
     shuffled = {k: v[::-1] for k, v in a.items()}  # another row order, the same sample
     write_val_only(tmp_path / "rev", shuffled)
-    again = inspect_module.data_ceiling(tmp_path / "rev", "val", max_identities=32)
+    again = ceiling.data_ceiling(tmp_path / "rev", "val", max_identities=32)
     assert again["pair_cos"] == pytest.approx(got["pair_cos"], abs=1e-9)
 
 
 def test_one_frontal_per_identity_says_the_ceiling_cannot_be_estimated(tmp_path, capsys):
-    from dist_train.data.synth import main as synth_main
+    from dist_train.synth import main as synth_main
 
     out = tmp_path / "s"
     argv = ["--out", str(out), "--n-identities", "60", "--samples-per-identity", "5", "--seed", "2"]
@@ -454,11 +455,11 @@ def test_ceiling_skips_rows_with_a_bad_target_only(val_arrays, tmp_path):
     a["tgt_emb"][1] = 0.0
     a["src_emb"][2] = np.nan  # the target of this row is still a frontal image of its identity
     write_val_only(tmp_path / "bad", a)
-    c = inspect_module.data_ceiling(tmp_path / "bad", "val")
+    c = ceiling.data_ceiling(tmp_path / "bad", "val")
     r, _ = inspect(tmp_path / "bad")
     assert {k: v for k, v in c.items() if k not in ("split", "bad_blocks")} == r["splits"]["val"]["ceiling"]
     ok = np.ones(len(a["identity"]), bool)
     ok[[0, 1]] = False
-    acc = inspect_module.TargetCeiling()
+    acc = ceiling.TargetCeiling()
     acc.add(a["identity"][ok], yaw_bucket_index(a["src_pose"][ok, 1]), a["tgt_emb"][ok])
     assert c["pair_cos"] == pytest.approx(acc.report()["pair_cos"], abs=1e-7)  # float32 sums, another order

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from dist_train.data.blocks import read_split
-from dist_train.data.pack import PackError, load_arrays, main, pack
 from dist_train.data.shards import ShardSet, ShardWriter, write_split
 from dist_train.data.splits import split_by_identity, split_rows
+from dist_train.pack import PackError, load_arrays, main, pack
 
 
 def make_arrays(n_ids: int = 20, per_id: int = 6, seed: int = 0) -> dict[str, np.ndarray]:

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from dist_train import cli, probe
+from dist_train.ceiling import identity_hashes
 from dist_train.data.blocks import read_split
-from dist_train.data.inspect import identity_hashes
 from dist_train.data.schema import YAW_BUCKETS
 from dist_train.data.shards import ShardSet, write_index, write_split
-from dist_train.data.synth import SynthParams, generate, make_shard_set
 from dist_train.metrics import MAX_PAIR_SAMPLES, quality
+from dist_train.synth import SynthParams, generate, make_shard_set
 
 REPO = Path(__file__).resolve().parent.parent
 

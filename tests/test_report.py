@@ -332,7 +332,7 @@ def planted_probe(root, mean_cos: float) -> dict:
 
 @pytest.fixture(scope="module")
 def data_set(tmp_path_factory):
-    from dist_train.data.synth import SynthParams, make_shard_set
+    from dist_train.synth import SynthParams, make_shard_set
 
     root = tmp_path_factory.mktemp("data") / "set"
     make_shard_set(

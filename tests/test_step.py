@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from dist_train.checkpoint import STATE_FILE, consolidate_checkpoint, step_dir_name
 from dist_train.data.shards import ShardSet, write_index, write_split
 from dist_train.data.stream import TrainStream
-from dist_train.data.synth import SynthParams, generate
 from dist_train.evaluate import train_fields
 from dist_train.metrics import TRAIN_TAGS
 from dist_train.rundir import CHECKPOINTS
+from dist_train.synth import SynthParams, generate
 
 MICRO, WORLD, STEPS = 16, 2, 6
 POISONED = {1: (0, "first"), 3: (1, "last")}  # 0-based window -> (rank, its micro batch) holding a huge landmark

@@ -14,7 +14,9 @@ from dist_train.data.blocks import read_split
 from dist_train.data.schema import YAW_BUCKETS, yaw_bucket_index
 from dist_train.data.shards import ShardSet
 from dist_train.data.splits import split_rows
-from dist_train.data.synth import (
+from dist_train.geometry import pose_from_landmarks, rotation_matrices
+from dist_train.metrics import row_cos
+from dist_train.synth import (
     CHUNK_IDENTITIES,
     Distortion,
     DistortionB,
@@ -25,9 +27,7 @@ from dist_train.data.synth import (
     make_shard_set,
     split_summary,
 )
-from dist_train.data.synth import main as synth_main
-from dist_train.geometry import pose_from_landmarks, rotation_matrices
-from dist_train.metrics import row_cos
+from dist_train.synth import main as synth_main
 
 
 def test_same_seed_gives_identical_arrays_and_another_seed_different_ones():

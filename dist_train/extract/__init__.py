@@ -3,7 +3,7 @@
 Two stages, so that the slow part runs once: stage 1 (``stage1.py``: slow, parallel,
 resumable) runs the model pack over each input and caches every face found in
 ``OUT/.cache`` (``cache.py``); stage 2 (``stage2.py``: fast) filters, pairs
-(``data/pairing.py``), splits by identity (``data/splits.py``) and writes the
+(``pairing.py``), splits by identity (``data/splits.py``) and writes the
 shards from that cache alone, re-run in full each time, so changing a filter or
 threshold needs no re-extraction.
 """

@@ -9,8 +9,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dist_train import cli
-from dist_train.data import pairing
 from dist_train.data.shards import INDEX_NAME
+from dist_train.extract import pairing
 from dist_train.extract.cache import check_cache_settings, scan_cache
 from dist_train.extract.job import ExtractError, Job, Settings
 from dist_train.extract.models import choose_providers, load_pack

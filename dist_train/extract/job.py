@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dist_train.data import pairing
+from dist_train.extract import pairing
 
 
 class ExtractError(ValueError):

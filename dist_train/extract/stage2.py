@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from dist_train.data import pairing, splits
+from dist_train.data import splits
 from dist_train.data.schema import FIELDS
 from dist_train.data.shards import write_index
+from dist_train.extract import pairing
 from dist_train.extract.cache import CHUNK_META, FACE_ARRAYS, CacheRows, scan_cache
 from dist_train.extract.job import ExtractError, Job
 from dist_train.extract.sources import Input

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from dist_train.data import pairing
 from dist_train.data.schema import EMB_DIM, N_LANDMARKS
 from dist_train.data.shards import ShardWriter
+from dist_train.extract import pairing
 from dist_train.extract.cache import CACHE_DIR, CacheRows
 from dist_train.extract.job import ExtractError
 

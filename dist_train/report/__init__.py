@@ -10,7 +10,7 @@ the model beats the do-nothing identity baseline at all.
 
 Two figures of the run's shard set tell a limit from a plateau: the data's
 ceiling (how well the frontal references agree with their own identity,
-`inspect.data_ceiling`: no prediction's mean cos to a frontal exceeds it) and
+`ceiling.data_ceiling`: no prediction's mean cos to a frontal exceeds it) and
 a linear probe (closed-form ridge on [src_emb, pose], `dist-train probe`,
 cached beside the set). A run near the ceiling is at the data's limit; a run
 below the probe has a model-setup problem; a flat run between them needs

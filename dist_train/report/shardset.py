@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dist_train.data.inspect import data_ceiling
+from dist_train.ceiling import data_ceiling
 from dist_train.data.shards import INDEX_NAME
 from dist_train.probe import probe_for, read_cached, set_key
 from dist_train.report.run import Run

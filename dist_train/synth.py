@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from dist_train import __version__
-from dist_train.data.pack import PackError, ensure_new_output_dir
 from dist_train.data.schema import DEFAULT_BLOCK_SIZE, EMB_DIM, FIELDS, YAW_BUCKETS, yaw_bucket_index
 from dist_train.data.shards import DEFAULT_SHARD_SAMPLES, add_layout_arguments, write_shard_set
 from dist_train.data.splits import split_by_identity
 from dist_train.geometry import mean_shape, rotation_matrices
 from dist_train.metrics import row_cos
+from dist_train.pack import PackError, ensure_new_output_dir
 
 SYNTH_VERSION = 1  # bump when the same seed and params would give different arrays
 FAMILIES = ("A", "B")

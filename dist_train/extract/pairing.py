@@ -6,7 +6,7 @@ run on it without the faces' embeddings and landmarks, which stay on disk
 until ``extract`` gathers the rows a shard needs. So the rules are testable
 without any model, and a set of millions of faces fits in memory. Every face
 that does not end up in a pair is counted under the reason why; the counts go
-to ``index.json["skipped"]``. Splitting is ``splits.py``'s, shared with pack
+to ``index.json["skipped"]``. Splitting is ``data/splits.py``'s, shared with pack
 and synth.
 """
 
