@@ -188,31 +188,25 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
     seed: int = 42  # seed of the data order, the initialisation and dropout
     output_dir: str = "runs/default"  # the run directory
-    resume: Optional[str] = None  # "latest" or a checkpoint directory
-    overwrite: bool = False  # start fresh in an output_dir that holds another run's checkpoints (they are deleted)
-    allow_data_change: bool = False  # resume onto a shard set other than the one the checkpoint was trained on
-    init_from: Optional[str] = None  # weights of a checkpoint or exported file; fresh optimizer and schedule
-    init_from_strict: bool = True  # refuse weights whose names or shapes differ (false: load what matches)
-    monitor: Literal["mean_cos", "loss", "tar@0.001", "tar@0.01"] = "mean_cos"  # val metric for best model, early stop
-    early_stopping_patience: int = 20  # evaluations without improvement; 0 disables
-    early_stopping_min_delta: float = 1e-4  # the smallest change of the monitored metric that counts as better
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
 
     def validate(self) -> None:
         _positive_ints(self, "batch_size", "gradient_accumulation_steps", "epochs", "max_bad_steps")
         _positive_or_null(self, "max_steps")
-        _counts(self, "early_stopping_patience")
-        _non_negative(self, "early_stopping_min_delta")
 
 
 @dataclass
 class EvalConfig:
     eval_every_steps: int = 0  # evaluate every N steps too (always at each epoch end)
     eval_max_samples: Optional[int] = None  # evaluate on at most this many val rows (null: all)
+    monitor: Literal["mean_cos", "loss", "tar@0.001", "tar@0.01"] = "mean_cos"  # val metric for best model, early stop
+    early_stopping_patience: int = 20  # evaluations without improvement; 0 disables
+    early_stopping_min_delta: float = 1e-4  # the smallest change of the monitored metric that counts as better
 
     def validate(self) -> None:
-        _counts(self, "eval_every_steps")
+        _counts(self, "eval_every_steps", "early_stopping_patience")
         _positive_or_null(self, "eval_max_samples")
+        _non_negative(self, "early_stopping_min_delta")
 
 
 @dataclass
@@ -222,6 +216,11 @@ class CheckpointConfig:
     save_every_epochs: int = 0  # at the end of every N-th epoch too; 0: off
     keep_last: int = 3  # complete checkpoints kept (the best model's step is never pruned)
     best_every_minutes: float = 2.0  # the best model is written in the background, at most this often
+    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    overwrite: bool = False  # start fresh in an output_dir that holds another run's checkpoints (they are deleted)
+    allow_data_change: bool = False  # resume onto a shard set other than the one the checkpoint was trained on
+    init_from: Optional[str] = None  # weights of a checkpoint or exported file; fresh optimizer and schedule
+    init_from_strict: bool = True  # refuse weights whose names or shapes differ (false: load what matches)
 
     def validate(self) -> None:
         _positive_ints(self, "keep_last")
@@ -354,6 +353,24 @@ def _convert(tp, value, bad: ConfigError):
     raise bad
 
 
+# settings that moved to the section of the component that decides them: accepted in their old section too,
+# so configs and checkpoints written before the move still load
+MOVED = {
+    "monitor": "train",
+    "early_stopping_patience": "train",
+    "early_stopping_min_delta": "train",
+    "resume": "train",
+    "overwrite": "train",
+    "allow_data_change": "train",
+    "init_from": "train",
+    "init_from_strict": "train",
+}
+
+
+def _in_section(key: str, section: str) -> bool:
+    return key in FLAT and (FLAT[key][0] == section or MOVED.get(key) == section)
+
+
 def _flatten_yaml(raw: dict, source: str) -> dict:
     """Nested {section: {key: value}} (or flat keys) -> flat {key: value}."""
     flat: dict = {}
@@ -362,7 +379,7 @@ def _flatten_yaml(raw: dict, source: str) -> dict:
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: section {k!r} must be a mapping, got {v!r}")
             for kk, vv in v.items():
-                if kk not in FLAT or FLAT[kk][0] != k:
+                if not _in_section(kk, k):
                     allowed = [f.name for f in dataclasses.fields(SECTION_TYPES[k])]
                     raise ConfigError(f"{source}: unknown key {k}.{kk}; allowed in {k}: {allowed}")
                 flat[kk] = vv
@@ -509,8 +526,8 @@ def config_from_dict(raw: dict) -> Config:
     """Nested dict (as stored in checkpoints) -> Config, without the data check."""
     cfg = Config()
     for sec, vals in raw.items():
-        for k, v in vals.items():
-            setattr(getattr(cfg, sec), k, coerce(k, v))
+        for k, v in vals.items():  # by the key's section now: a config stored before a setting moved still loads
+            setattr(getattr(cfg, FLAT[k][0] if k in FLAT else sec), k, coerce(k, v) if k in FLAT else v)
     validate(cfg)
     return cfg
 

@@ -55,13 +55,15 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     fingerprint = data_fingerprint(shard_sets)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir.root, acc, cfg)
-    start = checkpointer.resolve_start(cfg.train.resume, cfg.train.overwrite)  # refusals come before any write
+    start = checkpointer.resolve_start(
+        cfg.checkpoint.resume, cfg.checkpoint.overwrite
+    )  # refusals come before any write
     offset = check_resume(read_state(start), plan, fingerprint, runtime, cfg) if start else 0
 
     # ---- model, optimizer, loss ---------------------------------------------------------------
     model = build_model(cfg.model)
-    if cfg.train.init_from and start is None:
-        acc.print(init_weights(model, cfg.train.init_from, strict=cfg.train.init_from_strict))
+    if cfg.checkpoint.init_from and start is None:
+        acc.print(init_weights(model, cfg.checkpoint.init_from, strict=cfg.checkpoint.init_from_strict))
     optimizer = build_optimizer(model, cfg, fused=runtime.deepspeed_stage is None)
     model, optimizer = acc.prepare(model, optimizer)  # the stream stays out of prepare()
     loss_fn = FrontalLoss(cfg.loss)
@@ -84,7 +86,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
         cfg.eval, runtime, shard_sets, cfg.data.val_split, cfg.train.batch_size, cfg.data.target, run_dir.root
     )
     logger = TrainLogger(cfg.log, acc, cfg, state.step, total_steps, plan.global_batch)
-    policy = RunPolicy(state, cfg.train, say=logger.print)
+    policy = RunPolicy(state, cfg.eval, cfg.train.max_bad_steps, say=logger.print)
     stats = StepStats(loss_fn.term_names, acc.device, runtime.world_size)
     stream = TrainStream(
         shard_sets,

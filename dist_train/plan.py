@@ -100,7 +100,7 @@ def check_resume(saved: TrainState, plan: Plan, fingerprint: str, runtime: Runti
     continue at the same fraction of the schedule; DeepSpeed's ZeRO partitions are bound to the
     world size they were saved with, so a changed geometry is refused there before anything loads.
     """
-    if saved.data_fingerprint and saved.data_fingerprint != fingerprint and not cfg.train.allow_data_change:
+    if saved.data_fingerprint and saved.data_fingerprint != fingerprint and not cfg.checkpoint.allow_data_change:
         raise ConfigError(
             f"resume: the checkpoint was trained on another shard set (index.json fingerprint "
             f"{saved.data_fingerprint}, now {fingerprint} for {cfg.data.data_dir}); pass --allow_data_change true "

@@ -11,7 +11,7 @@ import enum
 import math
 
 from dist_train.checkpoint import TrainState
-from dist_train.config import TrainConfig
+from dist_train.config import EvalConfig
 from dist_train.metrics import monitored
 from dist_train.stepstats import Interval
 
@@ -74,14 +74,14 @@ class RunPolicy:
     the state these rules keep lives in the ``TrainState`` so it is checkpointed with the run.
     """
 
-    def __init__(self, state: TrainState, cfg: TrainConfig, say=print):
-        self.state, self.cfg, self.say = state, cfg, say
+    def __init__(self, state: TrainState, cfg: EvalConfig, max_bad_steps: int, say=print):
+        self.state, self.cfg, self.max_bad_steps, self.say = state, cfg, max_bad_steps, say
         self.diverged_at: int | None = None
         self.preempted = self.early_stopped = False
 
     def count(self, interval: Interval) -> None:
         """A log interval's step flags (ending at ``state.step``): skipped and non-finite counts, divergence."""
-        diverged = count_interval(self.state, interval, self.cfg.max_bad_steps)
+        diverged = count_interval(self.state, interval, self.max_bad_steps)
         if self.diverged_at is None:
             self.diverged_at = diverged
 
@@ -120,7 +120,7 @@ class RunPolicy:
         lines = []
         if outcome is Outcome.DIVERGED:
             lines.append(
-                f"dist-train: error: {cfg.max_bad_steps} consecutive non-finite losses at step {self.diverged_at}; "
+                f"dist-train: error: {self.max_bad_steps} consecutive non-finite losses at step {self.diverged_at}; "
                 f"checkpoint saved at step {state.step}. Lower --lr, use --precision bf16/fp32, or check the data "
                 "with `dist-train inspect`."
             )

@@ -28,6 +28,7 @@ def every(count: int, period: int) -> bool:
     """Whether periodic work is due at ``count`` (a step or an epoch); a period of 0 switches it off."""
     return period > 0 and count % period == 0
 
+
 SCHEDULERS = ("cosine", "cosine_restarts", "constant")
 
 

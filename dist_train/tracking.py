@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dist_train import rundir
 from dist_train.metrics import TRAIN_TAGS, VAL_EPOCH_TAG, scalars
@@ -46,8 +47,6 @@ class TrainLogger:
             for tracker in accelerator.trackers:  # the run's settings, where a tracker keeps them (not TensorBoard:
                 if tracker.name != "tensorboard":  # its hparams would add event folders that report would read)
                     tracker.store_init_configuration(_flat(run_config.to_dict()))
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=2.0)
 
     def due(self, step: int) -> bool:

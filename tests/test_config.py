@@ -36,7 +36,7 @@ def test_design_notes_flags_parse_verbatim():
     assert cfg.optim.warmup_epochs == 10 and cfg.optim.cosine_eta_min == 1e-5 and cfg.optim.warmup_lr == 1e-6
     assert cfg.train.use_mixed_precision is True and cfg.train.epochs == 150
     assert cfg.model.d_model == 768 and cfg.model.num_layers == 6 and cfg.model.dim_feedforward == 3072
-    assert cfg.train.max_steps == 5 and cfg.train.seed == 3 and cfg.train.resume == "latest"
+    assert cfg.train.max_steps == 5 and cfg.train.seed == 3 and cfg.checkpoint.resume == "latest"
     assert cfg.train.gradient_accumulation_steps == 1
 
 
@@ -208,3 +208,19 @@ def test_every_command_takes_both_spellings_of_a_flag(command, flag, other):
             text=True,
         )
         assert "unrecognized arguments" not in out.stderr and "error" in out.stderr, out.stderr[-500:]
+
+
+def test_settings_live_in_the_section_that_decides_them_and_old_placements_still_load(tmp_path):
+    old = tmp_path / "old.yaml"  # written before early stopping and resume moved out of train:
+    old.write_text("train:\n  early_stopping_patience: 7\n  resume: latest\n  batch_size: 16\n")
+    cfg = config.build(config.load_yaml(old))
+    assert (cfg.eval.early_stopping_patience, cfg.checkpoint.resume, cfg.train.batch_size) == (7, "latest", 16)
+    stored = cfg.to_dict()
+    assert "early_stopping_patience" in stored["eval"] and "resume" in stored["checkpoint"]
+    stored["train"]["monitor"] = stored["eval"].pop("monitor")  # a run config stored before the move
+    stored["train"]["monitor"] = "loss"
+    assert config.config_from_dict(stored).eval.monitor == "loss"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  early_stopping_patience: 7\n")
+    with pytest.raises(ConfigError, match=r"unknown key model.early_stopping_patience; allowed in model"):
+        config.load_yaml(bad)

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from dist_train.checkpoint import TrainState
-from dist_train.config import Config, ConfigError, EvalConfig, TrainConfig
+from dist_train.config import Config, ConfigError, EvalConfig
 from dist_train.data.stream import LoaderStats
 from dist_train.evaluate import Evaluator
 from dist_train.model import model_inputs
@@ -25,7 +25,7 @@ from dist_train.rundir import RunDir, eval_metrics_name, eval_metrics_step
 from dist_train.runtime import Runtime, deepspeed_config
 from dist_train.schedule import lr_at
 from dist_train.stepstats import Interval, StepStats
-from dist_train.tracking import data_summary
+from dist_train.tracking import TrainLogger, data_summary
 
 NAN = float("nan")
 
@@ -116,10 +116,10 @@ def test_monitor_follows_its_metric_in_its_direction():
     assert record_eval(tar, m(0.1, tar=0.61), 3, "tar@0.001", min_delta=0.0) and tar.best_step == 3
 
 
-def policy(**train) -> tuple[RunPolicy, TrainState, list[str]]:
+def policy(max_bad_steps: int = 20, **evaluation) -> tuple[RunPolicy, TrainState, list[str]]:
     said: list[str] = []
     state = TrainState()
-    return RunPolicy(state, TrainConfig(**train), say=said.append), state, said
+    return RunPolicy(state, EvalConfig(**evaluation), max_bad_steps, say=said.append), state, said
 
 
 def test_policy_stops_early_after_patience_evaluations_without_a_better_value():
@@ -230,8 +230,57 @@ def test_resume_refuses_a_changed_geometry_under_deepspeed_and_another_shard_set
         check_resume(saved_state(300, 4, 32, 1), plan, "abc", Runtime(FakeAccelerator(), "fp32", 2), cfg)
     with pytest.raises(ConfigError, match="another shard set.*--allow_data_change true"):
         check_resume(saved_state(300, 8, 32, 1), plan, "xyz", Runtime(FakeAccelerator(), "fp32", None), cfg)
-    cfg.train.allow_data_change = True
+    cfg.checkpoint.allow_data_change = True
     assert check_resume(saved_state(300, 8, 32, 1), plan, "xyz", Runtime(FakeAccelerator(), "fp32", None), cfg) == 0
+
+
+class FakeTrackers(FakeAccelerator):
+    """Accelerate's tracker API as the logger uses it: init_trackers, log, get_tracker."""
+
+    trackers: list = []
+
+    def __init__(self, main: bool = True):
+        super().__init__()
+        self.is_main_process = main
+        self.logged: list[tuple[dict, int]] = []
+        self.init: tuple = ()
+        self.flushes = 0
+
+    def init_trackers(self, name, init_kwargs):
+        self.init = (name, init_kwargs)
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append((values, step))
+
+    def get_tracker(self, name, unwrap=False):
+        return self
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_logger_writes_interval_means_and_run_counters_at_the_step_and_keeps_the_train_loss_for_val():
+    cfg = Config()
+    cfg.log.log_every_steps = 4
+    acc = FakeTrackers(main=False)  # no progress bar; the values are the same on every rank
+    logger = TrainLogger(cfg.log, acc, cfg, start_step=8, total_steps=100, global_batch=64)
+    assert acc.init == ("tb", {"tensorboard": {"purge_step": 9, "flush_secs": 30}}), "a resume hides later points"
+    assert [s for s in range(1, 13) if logger.due(s)] == [4, 8, 12]
+    logger.add(
+        Interval(steps=2, sums={"loss": 1.0}, count=4, norm_sum=3.0, norm_count=2, nonfinite=[0, 0], skipped=[0, 0])
+    )
+    logger.add(
+        Interval(steps=2, sums={"loss": 2.0}, count=4, norm_sum=0.0, norm_count=0, nonfinite=[1, 0], skipped=[1, 0])
+    )
+    state = TrainState(step=12, samples_seen=768, nonfinite_steps=1, skipped_steps=0)
+    logger.write(state, LoaderStats(repeats=5, unreadable_rows=3), lr=1e-3, epoch=1.5)
+    ((values, step),) = acc.logged
+    assert step == 12
+    assert values["train/loss"] == pytest.approx(3.0 / 8) and values["train/grad_norm"] == pytest.approx(1.5)
+    assert values["train/lr"] == 1e-3 and values["train/epoch"] == 1.5 and values["train/samples_seen"] == 768
+    assert values["train/nonfinite_steps"] == 1 and values["train/repeats"] == 5
+    assert values["train/bad_samples"] == 3 and values["train/unreadable_rows"] == 3
+    assert logger.take_train_loss() == pytest.approx(3.0 / 8) and logger.take_train_loss() is None, "reset per eval"
 
 
 # ---- the run directory and the stop request -------------------------------------------------------------
