@@ -347,6 +347,8 @@ def one_process_stepper(grad_clip: float, total_steps: int = 8):
     cfg.optim.weight_decay = 0.0  # so that only a gradient moves a weight
     acc = Accelerator(cpu=True)
     model = torch.nn.Linear(4, 3)
+    torch.nn.init.constant_(model.weight, 0.1)  # every output far from 0: every gradient far above Adam's eps
+    torch.nn.init.constant_(model.bias, 0.1)
     model, optimizer = acc.prepare(model, build_optimizer(model, cfg, fused=True))
     stepper = Stepper(
         model, optimizer, Runtime(acc, "fp32", None), cfg, steps_per_epoch=4, total_steps=total_steps, position=0
