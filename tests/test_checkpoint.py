@@ -28,7 +28,6 @@ import torch
 from conftest import FAST_TRAIN_FLAGS, REPO, RUN_ENV, RUN_TIMEOUT_S
 from safetensors.torch import save_file
 
-from dist_train import checkpoint as checkpoint_mod
 from dist_train import config as config_mod
 from dist_train.checkpoint import (
     COMPLETE,
@@ -48,6 +47,7 @@ from dist_train.checkpoint import (
     save_consolidated,
     step_dir_name,
 )
+from dist_train.checkpoint import checkpointer as checkpointer_mod
 from dist_train.config import CheckpointConfig, ConfigError
 from dist_train.rundir import ABANDONED, BEST, CHECKPOINTS
 
@@ -154,7 +154,7 @@ def test_the_best_model_is_written_in_the_background_at_most_every_interval(tmp_
     ck, acc = make(tmp_path)
     ck._best.min_interval_s = 3600  # only the first write may start now; the rest wait for close()
     written = []
-    monkeypatch.setattr(checkpoint_mod, "save_consolidated", lambda path, sd, cfg, meta: written.append(meta["step"]))
+    monkeypatch.setattr(checkpointer_mod, "save_consolidated", lambda path, sd, cfg, meta: written.append(meta["step"]))
     model = torch.nn.Linear(2, 2)
     for step in (1, 2, 3):
         ck.save_best(model, TrainState(step=step, run_id="r"), {"mean_cos": 0.5})

@@ -1,0 +1,71 @@
+"""The trainer state: what a resumed run needs besides model and optimizer, as trainer_state.json.
+
+Plain JSON that rank 0 writes into every checkpoint, so that a checkpoint's step, lineage and counters
+can be read (`read_state`) without unpickling anything and without a process group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_train.config import ConfigError
+
+COMPLETE = "COMPLETE"  # the marker written last: only a checkpoint holding it is resumed from
+STATE_FILE = "trainer_state.json"
+TMP_SUFFIX = ".tmp"  # what a write goes to before it is renamed
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer that a resumed run needs (JSON, rank 0 writes it)."""
+
+    step: int = 0  # optimizer steps taken, fp16-skipped ones included
+    samples_seen: int = 0
+    skipped_steps: int = 0  # fp16 overflow: the optimizer did not apply the update
+    nonfinite_steps: int = 0  # non-finite loss: the step was skipped on every rank
+    consecutive_nonfinite: int = 0
+    bad_rows: int = 0  # samples the loader skipped (non-finite values, unreadable blocks), over all resumes
+    best_cos: float = -math.inf  # val mean cos of the best model
+    best_value: float | None = None  # the monitored metric (--monitor) of the best model; None: no best yet
+    best_step: int = -1
+    evals_since_best: int = 0
+    last_eval_step: int = -1
+    # lineage: a fresh start draws a new run_id; a resume keeps the one of the checkpoint it continues
+    run_id: str = ""
+    resumed_from: int = -1  # step of the checkpoint this process started from (-1: fresh start)
+    # what the checkpoint was trained with; a resume compares them with the current run (train.check_resume)
+    world_size: int = 0
+    micro_batch: int = 0
+    accumulation: int = 0
+    data_fingerprint: str = ""
+    # position in the plan's epochs minus step (the lr's position: applied steps + it); 0 unless a resume changed
+    # the global batch (train.check_resume)
+    schedule_offset: int = 0
+    loader: dict = dataclasses.field(default_factory=dict)  # cumulative loader counters (stream.LoaderStats)
+
+    @property
+    def applied_steps(self) -> int:
+        """Updates actually applied (not skipped for overflow or a non-finite loss); the lr follows these."""
+        return self.step - self.skipped_steps - self.nonfinite_steps
+
+
+def write_state(path: str | Path, state: TrainState) -> None:
+    """Write ``state`` as trainer_state.json into the checkpoint directory ``path`` (rank 0)."""
+    (Path(path) / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
+
+
+def read_state(path: str | Path) -> TrainState:
+    """The trainer state of a complete checkpoint (JSON only: nothing is unpickled, no collective)."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise ConfigError(f"{path} is not a complete dist-train checkpoint (no {COMPLETE} marker)")
+    try:
+        raw = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read {STATE_FILE} ({e})") from e
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in raw.items() if k in known})
