@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from dist_train.data.blocks import BlockReader, split_table
-from dist_train.data.schema import EMB_DIM, YAW_BUCKETS, yaw_bucket_index
+from dist_train.data.schema import EMB_DIM, YAW_BUCKETS, ZERO_NORM, yaw_bucket_index
 from dist_train.data.shards import BadBlock, ShardSet, widen
-from dist_train.pack import ZERO_NORM
+from dist_train.metrics import mix64
 
 SAMPLE_SEED = 0  # seeds the hash keys and inspect's row samples: the same set gives the same report
 CEILING_IDENTITIES = 1024  # identities the data ceiling keeps (~14 KB each): a 95 % interval of about +-0.005
@@ -40,13 +40,7 @@ def row_hashes(emb: np.ndarray) -> np.ndarray:
     row instead of the rows (~0.7M rows/s a core, measured).
     """
     w = np.ascontiguousarray(emb, dtype=np.float32).view(np.uint64) ^ _HASH_KEYS
-    t = np.empty_like(w)
-    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
-        np.right_shift(w, np.uint64(shift), out=t)
-        w ^= t
-        if mult is not None:
-            w *= np.uint64(mult)
-    return w.sum(axis=1, dtype=np.uint64)
+    return mix64(w, inplace=True).sum(axis=1, dtype=np.uint64)
 
 
 class IdentitySet:
@@ -80,17 +74,9 @@ class IdentitySet:
         return out
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 values: a well-mixed 64-bit hash of each."""
-    x = np.asarray(x, dtype=np.uint64)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def identity_hashes(identity: np.ndarray) -> np.ndarray:
     """A seeded 64-bit hash per identity id: which identities a bounded sample keeps, whatever the row order."""
-    return _mix64(np.asarray(identity, dtype=np.int64).view(np.uint64) ^ _HASH_KEYS[0])
+    return mix64(np.asarray(identity, dtype=np.int64).view(np.uint64) ^ _HASH_KEYS[0])
 
 
 class TargetCeiling:
@@ -146,7 +132,7 @@ class TargetCeiling:
         slot2, row2 = np.concatenate([slot, slot]), np.concatenate([np.arange(len(kept))] * 2)
         flat = slot2 * self.KEYS + keys
         self.rows.reshape(-1)[:] += np.bincount(flat, minlength=self.rows.size)
-        who = _mix64(np.concatenate([ident, ident]).view(np.uint64) * np.uint64(self.KEYS) + keys.astype(np.uint64))
+        who = mix64(np.concatenate([ident, ident]).view(np.uint64) * np.uint64(self.KEYS) + keys.astype(np.uint64))
         code = (who ^ np.concatenate([row_hashes(t)] * 2)).view(np.int64)
         code, first = np.unique(code, return_index=True)
         new = ~self.seen.contains(code)

@@ -26,10 +26,10 @@ from dist_train.data.eval_reader import eval_batches
 from dist_train.data.schema import target_of, train_fields
 from dist_train.data.shards import ShardSet
 from dist_train.data.stream import LoaderStats
-from dist_train.metrics import quality, row_cos
+from dist_train.metrics import VERIFY_FAR, quality, row_cos
 from dist_train.model import model_inputs
 from dist_train.paths import output_file
-from dist_train.probe import FRR_FAR, read_cached
+from dist_train.probe import read_cached
 from dist_train.rundir import RunDir
 from dist_train.schedule import every
 from dist_train.weights import load_model
@@ -287,15 +287,18 @@ def main(argv: list[str]) -> int:
     # beside val cos: each set's data ceiling (how well frontal references agree with their identity) and
     # linear probe (closed-form ridge, when `dist-train probe` has cached it beside the set)
     beside = {path: data_limits(path, args.split) for path in args.shards}
-    frr = {"model": 1.0 - m["tar_at_far"][FRR_FAR]["pred"], "baseline": 1.0 - m["tar_at_far"][FRR_FAR]["baseline"]}
+    frr = {
+        "model": 1.0 - m["tar_at_far"][VERIFY_FAR]["pred"],
+        "baseline": 1.0 - m["tar_at_far"][VERIFY_FAR]["baseline"],
+    }
     if len(args.shards) == 1:
         m |= beside[args.shards[0]]
         if "linear_probe" in m:
-            frr["probe"] = 1.0 - m["linear_probe"]["tar_at_far"][FRR_FAR]["pred"]
+            frr["probe"] = 1.0 - m["linear_probe"]["tar_at_far"][VERIFY_FAR]["pred"]
     else:
         for path, limits in beside.items():
             m["per_set"][path] |= limits
-    m["frr_at_far_" + FRR_FAR] = frr
+    m["frr_at_far_" + VERIFY_FAR] = frr
     summary = {k: m[k] for k in ("n", "mean_cos") if k in m}
     for path, limits in beside.items():
         c = limits["data_ceiling"]
@@ -311,7 +314,7 @@ def main(argv: list[str]) -> int:
     for k in ("identity_baseline_cos", "gain", "oracle_cos", "fraction_of_oracle_gap", "impostor_cos", "per_set"):
         if k in m:
             summary[k] = m[k]
-    summary["frr_at_far_" + FRR_FAR] = frr
+    summary["frr_at_far_" + VERIFY_FAR] = frr
     summary["dropped_rows"] = m["dropped_rows"]
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -50,13 +50,13 @@ from dist_train.data.schema import (
     REQUIRED,
     YAW_BUCKETS,
     YAW_EDGES,
+    ZERO_NORM,
     finite_rows,
     yaw_bucket_index,
 )
 from dist_train.data.shards import ShardSet, ShardSetError
 from dist_train.geometry import pose_from_landmarks, rotation_matrices
 from dist_train.metrics import MAX_PAIR_SAMPLES, impostor_and_tar, row_cos
-from dist_train.pack import ZERO_NORM
 from dist_train.paths import output_file
 
 SUSPICIOUS_ROBUST_Z = 6.0  # cos below bucket median - 6 * 1.4826 * MAD: far outside the bucket's spread

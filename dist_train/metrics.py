@@ -29,6 +29,18 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
+def mix64(x: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """splitmix64's finaliser on uint64 values: a well-mixed 64-bit hash of each (the one copy of it)."""
+    w = x if inplace else np.array(x, dtype=np.uint64)
+    t = np.empty_like(w)
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
+        np.right_shift(w, np.uint64(shift), out=t)
+        w ^= t
+        if mult is not None:
+            w *= np.uint64(mult)
+    return w
+
+
 def _row_hash(*arrays: np.ndarray) -> np.ndarray:
     """A pseudo-random uint64 per row from the row's values alone (never its position).
 
@@ -48,9 +60,7 @@ def _row_hash(*arrays: np.ndarray) -> np.ndarray:
     h = np.empty(n, dtype=np.uint64)
     for lo in range(0, n, 8192):  # integer matmul wraps mod 2^64; chunks bound the memory
         h[lo : lo + 8192] = words[lo : lo + 8192] @ mult
-    for shift, m in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # splitmix64 finaliser
-        h = (h ^ (h >> np.uint64(shift))) * np.uint64(m)
-    return h ^ (h >> np.uint64(31))
+    return mix64(h, inplace=True)
 
 
 def _pair_subset(query: np.ndarray, tgt: np.ndarray, identity: np.ndarray) -> np.ndarray:

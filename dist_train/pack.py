@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from dist_train import __version__, cli
-from dist_train.data.schema import DEFAULT_BLOCK_SIZE, EMBEDDING_FIELDS, FIELDS, REQUIRED, finite_rows
+from dist_train.data.schema import DEFAULT_BLOCK_SIZE, EMBEDDING_FIELDS, FIELDS, REQUIRED, ZERO_NORM, finite_rows
 from dist_train.data.shards import DEFAULT_SHARD_SAMPLES, INDEX_NAME, add_layout_arguments, write_shard_set
 from dist_train.data.splits import split_by_identity
 
 # Each skipped row is counted once, under the first reason that applies, so the
 # counts add up to the number of rows skipped.
 SKIP_REASONS = ("non_finite", "zero_norm_embedding")
-ZERO_NORM = 1e-6
 UNIT_TOLERANCE = 1e-3  # |norm - 1| above this counts as "renormalised"
 
 

@@ -37,10 +37,9 @@ import numpy as np
 
 from dist_train import cli
 from dist_train.ceiling import identity_hashes
-from dist_train.data.schema import EMB_DIM, YAW_BUCKETS, finite_rows, yaw_bucket_index
+from dist_train.data.schema import EMB_DIM, YAW_BUCKETS, ZERO_NORM, finite_rows, yaw_bucket_index
 from dist_train.data.shards import INDEX_NAME, BadBlock, ShardSet, ShardSetError, widen
-from dist_train.metrics import FARS, MAX_PAIR_SAMPLES, _row_hash, impostor_and_tar
-from dist_train.pack import ZERO_NORM
+from dist_train.metrics import FARS, MAX_PAIR_SAMPLES, VERIFY_FAR, _row_hash, impostor_and_tar
 from dist_train.paths import output_file
 
 PROBE_VERSION = 1  # bump when the same set would give a different probe: old caches are then ignored
@@ -53,7 +52,6 @@ DEFAULT_ALPHA = 1.0  # when train has too few identities to hold any out
 HOLDOUT_SHARE = 0.1  # share of train identities held out to choose alpha
 HOLDOUT_MAX_ROWS = 8192  # held-out rows kept in memory (float32: ~4 KB a row)
 CHUNK_ROWS = 8192  # rows per normal-equation update (~70 MB of float64 buffers)
-FRR_FAR = "0.001"  # the verification figure shown beside cos: false-reject rate 1 - TAR at FAR 1e-3
 
 
 class ProbeError(ValueError):
@@ -448,7 +446,7 @@ def probe_for(
 
 def frr(p: dict, key: str = "pred") -> float | None:
     """False-reject rate at FAR 1e-3 of the probe's val figures (``key`` pred or baseline)."""
-    v = p.get("val", p).get("tar_at_far", {}).get(FRR_FAR, {}).get(key)
+    v = p.get("val", p).get("tar_at_far", {}).get(VERIFY_FAR, {}).get(key)
     return None if v is None else 1.0 - v
 
 

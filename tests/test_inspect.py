@@ -18,7 +18,7 @@ from dist_train import ceiling
 from dist_train import inspect_cmd as inspect_module
 from dist_train.ceiling import row_hashes
 from dist_train.data.blocks import read_split
-from dist_train.data.schema import EMBEDDING_FIELDS, YAW_BUCKETS, yaw_bucket_index
+from dist_train.data.schema import EMBEDDING_FIELDS, YAW_BUCKETS, ZERO_NORM, yaw_bucket_index
 from dist_train.data.shards import ShardSet, write_index, write_split
 from dist_train.inspect_cmd import (
     COS_BIN,
@@ -33,7 +33,6 @@ from dist_train.inspect_cmd import (
     main,
 )
 from dist_train.metrics import quality, row_cos
-from dist_train.pack import ZERO_NORM
 from dist_train.synth import SynthParams, generate
 
 REPO = Path(__file__).resolve().parent.parent

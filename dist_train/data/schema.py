@@ -48,6 +48,7 @@ FIELDS: dict[str, Field] = {
 REQUIRED = tuple(n for n, f in FIELDS.items() if f.required)
 OPTIONAL = tuple(n for n, f in FIELDS.items() if not f.required)
 EMBEDDING_FIELDS = ("src_emb", "tgt_emb", "tgt_centroid", "oracle_emb")
+ZERO_NORM = 1e-6  # an embedding with a norm below this has no direction: pack skips it, inspect counts it
 MODEL_INPUTS = ("src_emb", "src_kps", "src_pose")  # what the model reads, in its argument order
 TARGETS = {"sample": "tgt_emb", "centroid": "tgt_centroid"}  # config data.target -> the field trained toward
 
