@@ -51,6 +51,16 @@ def eval_metrics_step(name: str) -> int | None:
     return int(m[1]) if m else None
 
 
+class _Under:
+    """A path below the run directory, read as an attribute: ``RunDir(root).best_model``."""
+
+    def __init__(self, *parts: str):
+        self.parts = parts
+
+    def __get__(self, run: RunDir | None, owner=None):
+        return self if run is None else run.root.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -58,56 +68,18 @@ class RunDir:
     def __init__(self, root: str | Path):
         object.__setattr__(self, "root", Path(root))
 
-    def __truediv__(self, name: str) -> Path:
-        return self.root / name
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS
-
-    @property
-    def best(self) -> Path:
-        return self.root / BEST
-
-    @property
-    def best_model(self) -> Path:
-        return self.root / BEST / CONSOLIDATED
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
+    config = _Under(CONFIG)
+    checkpoints = _Under(CHECKPOINTS)
+    best = _Under(BEST)
+    best_model = _Under(BEST, CONSOLIDATED)
+    metrics = _Under(METRICS)
+    test_metrics = _Under(METRICS, TEST_METRICS)
+    tb = _Under(TB)
+    trace = _Under(TRACE)
+    abandoned = _Under(ABANDONED)
+    done = _Under(DONE)
+    preempted = _Under(PREEMPTED)
+    stop = _Under(STOP)
 
     def eval_metrics(self, step: int) -> Path:
         return self.root / METRICS / eval_metrics_name(step)
-
-    @property
-    def test_metrics(self) -> Path:
-        return self.root / METRICS / TEST_METRICS
-
-    @property
-    def tb(self) -> Path:
-        return self.root / TB
-
-    @property
-    def trace(self) -> Path:
-        return self.root / TRACE
-
-    @property
-    def abandoned(self) -> Path:
-        return self.root / ABANDONED
-
-    @property
-    def done(self) -> Path:
-        return self.root / DONE
-
-    @property
-    def preempted(self) -> Path:
-        return self.root / PREEMPTED
-
-    @property
-    def stop(self) -> Path:
-        return self.root / STOP
