@@ -328,6 +328,22 @@ def test_explicit_resume_from_an_older_step_moves_the_abandoned_branch_aside(tmp
     assert steps(aside) == [6, 8]
 
 
+@pytest.mark.parametrize("env", ["SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"])
+def test_a_restarted_job_with_an_explicit_resume_continues_its_own_progress(tmp_path, monkeypatch, capsys, env):
+    """A job submitted with --resume step-4 rewinds once; its requeue or elastic restart must not rewind again."""
+    ck, _ = make(tmp_path, keep_last=5)
+    save_steps(ck, "r", upto=4)
+    older = ck.root / step_dir_name(2)
+    monkeypatch.setenv(env, "0")  # torchrun sets 0 on the first start
+    assert ck.resolve_start(str(older), overwrite=False) == older  # the first start rewinds: 4 is set aside
+    assert steps(ck.run_dir) == [2] and (ck.run_dir / ABANDONED).is_dir()
+    save_steps(ck, "r", upto=8, start=5)  # the job's own progress since
+    monkeypatch.setenv(env, "1")
+    assert ck.resolve_start(str(older), overwrite=False) == ck.root / step_dir_name(8)
+    assert steps(ck.run_dir) == [2, 6, 8] and len(list((ck.run_dir / ABANDONED).iterdir())) == 1
+    assert "restart 1 of this job, which already continued from it" in capsys.readouterr().out
+
+
 def test_explicit_resume_of_the_newest_checkpoint_moves_nothing(tmp_path):
     ck, _ = make(tmp_path)
     save_steps(ck, "r", upto=4)

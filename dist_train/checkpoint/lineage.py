@@ -95,6 +95,16 @@ def prune(run_dir: str | Path, state: TrainState, keep_last: int) -> None:
 # ---- where a run starts (rank 0) ---------------------------------------------------------------------------
 
 
+# set by SLURM on a requeued job and by torchrun on an elastic restart of its workers
+RESTART_ENV = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
+
+
+def job_restarts() -> int:
+    """How often this job has been restarted (requeue or elastic restart); 0 on its first start."""
+    counts = [os.environ.get(name, "") for name in RESTART_ENV]
+    return max((int(c) for c in counts if c.strip().isdigit()), default=0)
+
+
 def _say(msg: str) -> None:
     print(f"dist-train: {msg}", flush=True)
 
@@ -111,7 +121,9 @@ def decide_start(run_dir: str | Path, resume: str | None, overwrite: bool) -> st
     - a path: must be a complete checkpoint (else ConfigError). Newer checkpoints of its lineage in the run
       directory (those of an abandoned branch) move to ``abandoned/<step>-<time>/``, with best/, DONE,
       PREEMPTED and eval metrics of later steps, and it says where. A checkpoint of another lineage while
-      the run directory holds checkpoints is refused unless ``overwrite`` (which deletes them).
+      the run directory holds checkpoints is refused unless ``overwrite`` (which deletes them). A restarted
+      job (`job_restarts`) with the same path continues from its own newer checkpoints instead: its first
+      start already rewound there, and rewinding again would move its progress aside on every restart.
 
     Stale ``*.tmp`` directories are deleted whenever the run continues.
     """
@@ -166,6 +178,14 @@ def _resume_from(dirs: RunDir, path: Path, done: list[Path], partial: list[Path]
         )
     state = read_state(path)
     inside = path.resolve().parent == dirs.checkpoints.resolve()
+    own = [p for p in done if _run_id(p) == state.run_id and checkpoint_step(p) > state.step]
+    if inside and own and job_restarts():
+        _say(
+            f"resume {path}: restart {job_restarts()} of this job, which already continued from it; continuing "
+            f"from its newest checkpoint {own[-1]} instead of moving its progress aside"
+        )
+        _drop_partial(partial)
+        return own[-1]
     if not inside:
         foreign = [p for p in done if _run_id(p) != state.run_id]
         if foreign:
@@ -194,7 +214,7 @@ def _drop_partial(partial: list[Path]) -> None:
 def _clear_previous_run(dirs: RunDir, keep: Path | None = None) -> None:
     deleted = []
     for name in rundir.OUTPUTS:
-        p = dirs / name
+        p = dirs.root / name
         if keep is not None and keep.resolve().is_relative_to(p.resolve()):
             _say(f"--overwrite: kept {p}, which holds the checkpoint resumed from")
             continue
@@ -220,8 +240,8 @@ def _abandon(dirs: RunDir, step: int, newer: list[Path]) -> None:
             if int(load_consolidated_meta(best).get("step", -1)) > step:
                 moves.append((dirs.best, rundir.BEST))
     for name in (rundir.DONE, rundir.PREEMPTED):
-        if (dirs / name).is_file():
-            moves.append((dirs / name, name))
+        if (dirs.root / name).is_file():
+            moves.append((dirs.root / name, name))
     metrics = dirs.metrics
     if metrics.is_dir():
         for f in metrics.iterdir():
