@@ -4,8 +4,10 @@ The same code runs as a plain single-process debug run (`dist-train train`),
 under DDP and under DeepSpeed ZeRO 1/2/3 (`accelerate launch ... -m dist_train
 train`). Components own their policies: the checkpointer decides when to save,
 the evaluator when to validate, the logger when to write, the stepper how a
-step is taken or skipped; the loop only asks. Values the host needs (losses,
-non-finite flags, loader counters) stay on the device between log intervals.
+step is taken or skipped, the run policy which model is best and when the run
+ends; the loop reports what it measured and asks. Values the host needs
+(losses, non-finite flags, loader counters) stay on the device between log
+intervals.
 """
 
 from __future__ import annotations
@@ -55,9 +57,8 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     fingerprint = data_fingerprint(shard_sets)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir.root, acc, cfg)
-    start = checkpointer.resolve_start(
-        cfg.checkpoint.resume, cfg.checkpoint.overwrite
-    )  # refusals come before any write
+    # refusals come before any write
+    start = checkpointer.resolve_start(cfg.checkpoint.resume, cfg.checkpoint.overwrite)
     offset = check_resume(read_state(start), plan, fingerprint, runtime, cfg) if start else 0
 
     # ---- model, optimizer, loss ---------------------------------------------------------------
