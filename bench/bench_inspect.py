@@ -98,23 +98,14 @@ def _status_mb(key: str) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def load_impl(impl: str, tmp: Path):
-    """The inspect module to measure: this tree's, or OLD_COMMIT's read from git (None if git cannot)."""
-    if impl == "new":
-        from dist_train import inspect_cmd
-
-        return inspect_cmd
-    path = tmp / "old_inspect.py"
-    done = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:dist_train/data/inspect.py"], capture_output=True, text=True
-    )
-    if done.returncode:
+def old_package(tmp: Path) -> Path | None:
+    """OLD_COMMIT's whole dist_train package, extracted under ``tmp`` (None if git cannot): the old inspect runs
+    against the package it was written for, not against this tree's."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD_COMMIT, "dist_train"], capture_output=True)
+    if archive.returncode:
         return None
-    path.write_text(done.stdout)
-    spec = importlib.util.spec_from_file_location("old_inspect", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+    return tmp
 
 
 def child(set_dir: str, impl: str) -> int:
@@ -122,11 +113,10 @@ def child(set_dir: str, impl: str) -> int:
     import torch  # noqa: F401  (imported before the baseline RSS: every version loads it)
     import webdataset  # noqa: F401
 
-    with tempfile.TemporaryDirectory() as tmp:
-        module = load_impl(impl, Path(tmp))
-    if module is None:
-        print(json.dumps({"error": f"git show {OLD_COMMIT} failed"}))
-        return 0
+    if impl == "new":
+        from dist_train import inspect_cmd as module
+    else:  # PYTHONPATH puts OLD_COMMIT's package first (`measure`)
+        module = importlib.import_module("dist_train.data.inspect")
     base = _status_mb("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     report, _ = module.inspect(set_dir)
@@ -148,7 +138,14 @@ def in_child(script: str, *args: str, env: dict | None = None) -> dict:
 
 
 def measure(set_dir: Path, impl: str) -> dict:
-    return in_child(str(Path(__file__).resolve()), str(set_dir), "--impl", impl, env={"OMP_NUM_THREADS": "1"})
+    script, env = str(Path(__file__).resolve()), {"OMP_NUM_THREADS": "1"}
+    if impl == "new":
+        return in_child(script, str(set_dir), "--impl", impl, env=env)
+    with tempfile.TemporaryDirectory(prefix="bench_inspect_old_") as tmp:
+        package = old_package(Path(tmp))
+        if package is None:
+            return {"error": f"git archive {OLD_COMMIT} failed (a shallow clone?)"}
+        return in_child(script, str(set_dir), "--impl", impl, env=env | {"PYTHONPATH": str(package)})
 
 
 def row(impl: str, n: int, m: dict) -> str:
