@@ -34,11 +34,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dist_train import cli
 from dist_train.ceiling import identity_hashes
+from dist_train.data.blocks import BlockReader, split_table
 from dist_train.data.schema import EMB_DIM, YAW_BUCKETS, ZERO_NORM, finite_rows, yaw_bucket_index
 from dist_train.data.shards import INDEX_NAME, BadBlock, ShardSet, ShardSetError, widen
+from dist_train.geometry import encode_pose
 from dist_train.metrics import FARS, MAX_PAIR_SAMPLES, VERIFY_FAR, _row_hash, impostor_and_tar
 from dist_train.paths import output_file
 
@@ -65,10 +68,6 @@ def set_key(root: str | Path) -> str:
 
 def pose_features(pose: np.ndarray) -> np.ndarray:
     """(n, POSE_FEATURES): the model's own pose encoding, `geometry.encode_pose` (sin and cos of the angles)."""
-    import torch
-
-    from dist_train.geometry import encode_pose
-
     return encode_pose(torch.from_numpy(np.array(pose, np.float32))).numpy()
 
 
@@ -94,8 +93,6 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def read_valid(shard_set: ShardSet, split: str, counts: dict):
     """Yield the split's blocks (float32 / int64) with invalid rows dropped; bad blocks and rows are counted."""
-    from dist_train.data.blocks import BlockReader, split_table
-
     table = split_table(shard_set, split)
     reader = BlockReader(table, FIELDS)
     try:
@@ -126,7 +123,6 @@ class NormalEquations:
     """
 
     def __init__(self, chunk_rows: int = 0):
-        import torch
 
         self.chunk = chunk_rows or CHUNK_ROWS
         self.xtx = torch.zeros((N_FEATURES, N_FEATURES), dtype=torch.float64)
@@ -156,8 +152,6 @@ class NormalEquations:
 
     def flush(self) -> None:
         """Encode the buffered poses (one call a chunk: small torch calls are slow next to a busy BLAS) and update."""
-        import torch
-
         if self.fill:
             self.x[: self.fill, EMB_DIM:-1] = pose_features(self.pose[: self.fill])
             x, y = torch.from_numpy(self.x[: self.fill]), torch.from_numpy(self.y[: self.fill])
@@ -176,8 +170,6 @@ class NormalEquations:
 
 def solve(gram: np.ndarray, xty: np.ndarray, lam: float) -> np.ndarray:
     """(N_FEATURES, EMB_DIM) weights of the correction; the bias (last row) is not penalised."""
-    import torch
-
     penalty = np.full(len(gram), lam)
     penalty[-1] = 0.0
     a, b = torch.from_numpy(gram + np.diag(penalty)), torch.from_numpy(np.ascontiguousarray(xty))
@@ -189,8 +181,6 @@ def solve(gram: np.ndarray, xty: np.ndarray, lam: float) -> np.ndarray:
 
 def predict(w: np.ndarray, src: np.ndarray, pose: np.ndarray) -> np.ndarray:
     """float32 predictions src + [src, pose, 1] W, in float64 (not normalised: cos does not care)."""
-    import torch
-
     out = torch.from_numpy(features(src, pose)) @ torch.from_numpy(w)
     return (out.numpy() + src).astype(np.float32)
 
