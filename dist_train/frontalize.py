@@ -38,7 +38,8 @@ from dist_train.extract import (
     load_pack,
     pairing,
 )
-from dist_train.extract.pairing import KEEP_POLICIES, group_centroids
+from dist_train.extract.cli import add_face_arguments, check_face_arguments
+from dist_train.extract.pairing import group_centroids
 from dist_train.metrics import FARS, identification
 from dist_train.paths import output_file
 from dist_train.weights import load_model
@@ -273,13 +274,9 @@ def torch_device(device: str) -> str:
 
 
 def run_photos(args) -> int:
-
-    if args.min_score < args.det_thresh:
-        raise ValueError(
-            f"--min-score {args.min_score} is below --det-thresh {args.det_thresh}; faces under it are never seen"
-        )
-    if args.batch_size < 1 or args.det_size < 32:
-        raise ValueError("--batch-size must be >= 1 and --det-size >= 32")
+    check_face_arguments(args)
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
     images, gallery = Path(args.images), Path(args.gallery) if args.gallery else None
     trees = {"images": (images, find_photos(images, by_person=gallery is not None))}  # before the models load
     if gallery is not None:
@@ -412,13 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--images faces (laid out one folder per person, same names) against each person's centroid, "
         "before and after frontalization, overall and per |yaw| bucket",
     )
-    g.add_argument("--keep", choices=KEEP_POLICIES, default="largest", help="faces kept per photo (default largest)")
-    g.add_argument("--min-score", type=float, default=0.5, help="drop faces scoring lower (default 0.5)")
-    g.add_argument(
-        "--min-size", type=float, default=40.0, help="drop faces whose box is smaller on its shorter side (default 40)"
-    )
-    g.add_argument("--det-size", type=int, default=640, help="detector input size in pixels (default 640)")
-    g.add_argument("--det-thresh", type=float, default=0.3, help="detector threshold (default 0.3)")
+    add_face_arguments(g, unit="photo")
     g.add_argument("--batch-size", type=int, default=32, help="photos per recognition batch (default 32)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

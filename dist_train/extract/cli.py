@@ -19,6 +19,35 @@ from dist_train.extract.stage1 import run_stage1
 from dist_train.extract.stage2 import REPORT_NAME, run_stage2
 
 
+def add_face_arguments(group, unit: str) -> None:
+    """Detection and face filters, the same flags, defaults and checks for extract and frontalize."""
+    group.add_argument("--det-size", type=int, default=640, help="detector input size in pixels (default 640)")
+    group.add_argument(
+        "--det-thresh", type=float, default=0.3, help="detector threshold; faces below are not seen (default 0.3)"
+    )
+    group.add_argument(
+        "--min-score", type=float, default=0.5, help="drop faces scoring lower, counted as low_score (default 0.5)"
+    )
+    group.add_argument(
+        "--min-size",
+        type=float,
+        default=40.0,
+        help="drop faces whose box is smaller on its shorter side, pixels (default 40)",
+    )
+    group.add_argument(
+        "--keep", choices=pairing.KEEP_POLICIES, default="largest", help=f"faces kept per {unit} (default largest)"
+    )
+
+
+def check_face_arguments(args) -> None:
+    if args.min_score < args.det_thresh:
+        raise ExtractError(
+            f"--min-score {args.min_score} is below --det-thresh {args.det_thresh}; faces under it are never seen"
+        )
+    if args.det_size < 32:
+        raise ExtractError(f"--det-size {args.det_size}: must be >= 32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dist-train extract",
@@ -37,23 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = g.add_mutually_exclusive_group()
     sampling.add_argument("--every", type=int, help="video: take every k-th frame")
     sampling.add_argument("--fps", type=float, help="video: take this many frames per second (default 2)")
-    g = p.add_argument_group("detection and filters")
-    g.add_argument("--det-size", type=int, default=640, help="detector input size in pixels (default 640)")
-    g.add_argument(
-        "--det-thresh", type=float, default=0.3, help="detector threshold; faces below are not seen (default 0.3)"
-    )
-    g.add_argument(
-        "--min-score", type=float, default=0.5, help="drop faces scoring lower, counted as low_score (default 0.5)"
-    )
-    g.add_argument(
-        "--min-size",
-        type=float,
-        default=40.0,
-        help="drop faces whose box is smaller on its shorter side, pixels (default 40)",
-    )
-    g.add_argument(
-        "--keep", choices=pairing.KEEP_POLICIES, default="largest", help="faces kept per image/frame (default largest)"
-    )
+    add_face_arguments(p.add_argument_group("detection and filters"), unit="image/frame")
     g = p.add_argument_group("pairing and splits")
     g.add_argument("--frontal-yaw", type=float, default=20.0, help="|yaw| <= this is frontal (default 20)")
     g.add_argument("--profile-yaw", type=float, default=45.0, help="|yaw| >= this is profile (default 45)")
@@ -81,14 +94,11 @@ def _check_args(args, root: Path, out: Path) -> None:
         raise ExtractError(f"input root {str(root)!r} is not a directory")
     if out.resolve().is_relative_to(root.resolve()):
         raise ExtractError(f"--out {str(out)!r} is inside the input root {str(root)!r}; put it elsewhere")
-    if args.min_score < args.det_thresh:
-        raise ExtractError(
-            f"--min-score {args.min_score} is below --det-thresh {args.det_thresh}; faces under it are never seen"
-        )
+    check_face_arguments(args)
     if args.every is not None and args.every < 1 or args.fps is not None and args.fps <= 0:
         raise ExtractError("--every needs an integer >= 1 and --fps a positive number")
-    if args.workers < 1 or args.batch_size < 1 or args.det_size < 32:
-        raise ExtractError("--workers and --batch-size must be >= 1 and --det-size >= 32")
+    if args.workers < 1 or args.batch_size < 1:
+        raise ExtractError("--workers and --batch-size must be >= 1")
 
 
 def main(argv: list[str]) -> int:
