@@ -40,6 +40,7 @@ from dist_train.extract import (
 )
 from dist_train.extract.cli import add_face_arguments, check_face_arguments
 from dist_train.extract.pairing import group_centroids
+from dist_train.extract.sources import files_below
 from dist_train.metrics import FARS, identification
 from dist_train.paths import output_file
 from dist_train.weights import load_model
@@ -134,14 +135,13 @@ def find_photos(root: Path, by_person: bool) -> tuple[list, list[dict]]:
     if not root.is_dir():
         raise ExtractError(f"{str(root)!r} is not a directory")
     inputs, problems = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        parts = rel.split("/")
-        ext = path.suffix.lower()
-        if by_person and len(parts) == 1:
-            problems.append({"input": rel, "reason": "outside_identity", "detail": "not in ROOT/<person>/"})
-        elif ext in IMAGE_EXTS:
-            inputs.append(Input(rel, parts[0] if by_person else "", "image"))
+    for found in files_below(root, by_identity=by_person, folder="person"):
+        if isinstance(found, dict):
+            problems.append(found)
+            continue
+        rel, person, ext = found
+        if ext in IMAGE_EXTS:
+            inputs.append(Input(rel, person, "image"))
         else:
             why = "a video; frontalize takes photos" if ext in VIDEO_EXTS else f"extension {ext!r}"
             problems.append({"input": rel, "reason": "unsupported_file", "detail": why})

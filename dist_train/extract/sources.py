@@ -20,26 +20,35 @@ class Input:
     kind: str  # "image" or "video"
 
 
+def files_below(root: Path, by_identity: bool, folder: str = "identity"):
+    """Every file below ``root`` in sorted order: ``(rel, identity, ext)``, or, with ``by_identity``, a problem
+    dict for a file directly in ROOT (a file's identity is its top folder's name). Extract and frontalize walk
+    their trees with it."""
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        top = rel.split("/")[0]
+        if by_identity and top == rel:
+            yield {"input": rel, "reason": "outside_identity", "detail": f"not in ROOT/<{folder}>/"}
+        else:
+            yield rel, top if by_identity else "", path.suffix.lower()
+
+
 def discover(root: Path, aligned: bool) -> tuple[list[Input], list[str], list[dict]]:
     """Inputs under ``ROOT/<identity>/**``, identity names, and the files that are not inputs."""
-    inputs, names, problems = [], [], []
-    for entry in sorted(root.iterdir()):
-        if entry.is_file():
-            problems.append({"input": entry.name, "reason": "outside_identity", "detail": "not in ROOT/<identity>/"})
+    inputs, problems = [], []
+    names = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    for found in files_below(root, by_identity=True):
+        if isinstance(found, dict):
+            problems.append(found)
             continue
-        if not entry.is_dir():
-            continue
-        names.append(entry.name)
-        for path in sorted(p for p in entry.rglob("*") if p.is_file()):
-            rel = path.relative_to(root).as_posix()
-            ext = path.suffix.lower()
-            if ext in IMAGE_EXTS:
-                inputs.append(Input(rel, entry.name, "image"))
-            elif ext in VIDEO_EXTS and not aligned:
-                inputs.append(Input(rel, entry.name, "video"))
-            else:
-                why = "a video, but --aligned takes 112x112 crops" if ext in VIDEO_EXTS else f"extension {ext!r}"
-                problems.append({"input": rel, "reason": "unsupported_file", "detail": why})
+        rel, identity, ext = found
+        if ext in IMAGE_EXTS:
+            inputs.append(Input(rel, identity, "image"))
+        elif ext in VIDEO_EXTS and not aligned:
+            inputs.append(Input(rel, identity, "video"))
+        else:
+            why = "a video, but --aligned takes 112x112 crops" if ext in VIDEO_EXTS else f"extension {ext!r}"
+            problems.append({"input": rel, "reason": "unsupported_file", "detail": why})
     if not inputs:
         raise ExtractError(
             f"{str(root)!r} holds no images or videos in identity folders; expected ROOT/<identity>/**/*.jpg|png|... "
