@@ -139,6 +139,42 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
             trace.flush()
         checkpointer.save(state)
 
+    def micro_step(batch: dict, epoch: int, micro: int) -> bool:
+        """Forward and backward of one micro batch; True when it ended its window (the step is taken or skipped)."""
+        if trace:
+            trace.write(state.step + 1, epoch, batch["row"])
+        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+        if noise is not None:
+            augment.seed_generator(noise, cfg.train.seed, runtime.rank, state.step, micro)
+            batch = augment.augment(batch, cfg.augment, noise)
+        with acc.accumulate(model):
+            if acc.sync_gradients:  # the window's last micro batch: DeepSpeed steps inside backward
+                stepper.set_lr()
+            with acc.autocast():
+                pred = model(*runtime.model_inputs(batch))
+            loss, terms = loss_fn(pred.float(), target_of(batch, cfg.data.target), batch["identity"])
+            acc.backward(loss)  # always: a non-finite window is discarded whole at the boundary
+            stats.micro(loss, terms)
+            if acc.sync_gradients:
+                stats.boundary(*stepper.boundary())
+                return True
+        return False
+
+    def read_interval(last: bool) -> bool:
+        """Collective, at the same steps on every rank: the interval's values and the ranks' votes, counted and
+        logged; returns whether a checkpoint is due by any rank's clock."""
+        interval = stats.read(votes=(stop.requested(), checkpointer.time_due()))
+        stop_now, time_due = interval.votes
+        policy.count(interval)
+        logger.add(interval)
+        if logger.due(state.step) or last:
+            totals = loader_totals()
+            state.bad_rows = totals.bad_samples
+            logger.write(state, totals, stepper.current_lr(), epoch=progress() / steps_per_epoch)
+        if stop.agreed(stop_now):
+            policy.preempt()
+        return time_due
+
     # ---- the loop -----------------------------------------------------------------------------
     outcome, micro = None, 0
     try:
@@ -146,24 +182,9 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
             epoch = progress() // steps_per_epoch
             stream.set_epoch(epoch, start_batch=(progress() % steps_per_epoch) * plan.accumulation)
             for batch in stream:
-                if trace:
-                    trace.write(state.step + 1, epoch, batch["row"])
-                batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-                if noise is not None:
-                    augment.seed_generator(noise, cfg.train.seed, runtime.rank, state.step, micro)
-                    batch = augment.augment(batch, cfg.augment, noise)
-                micro += 1
-                with acc.accumulate(model):
-                    if acc.sync_gradients:  # the window's last micro batch: DeepSpeed steps inside backward
-                        stepper.set_lr()
-                    with acc.autocast():
-                        pred = model(*runtime.model_inputs(batch))
-                    loss, terms = loss_fn(pred.float(), target_of(batch, cfg.data.target), batch["identity"])
-                    acc.backward(loss)  # always: a non-finite window is discarded whole at the boundary
-                    stats.micro(loss, terms)
-                    if not acc.sync_gradients:
-                        continue
-                    stats.boundary(*stepper.boundary())
+                if not micro_step(batch, epoch, micro):
+                    micro += 1
+                    continue
 
                 # ---- one optimizer step done (or skipped) on every rank ----
                 state.step, micro = state.step + 1, 0
@@ -176,17 +197,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
                     logger.due(state.step) or evaluate or epoch_end or checkpointer.due(state.step, completed_epoch)
                 ):
                     continue
-                # collective, at the same steps on every rank: the interval's values, and the ranks' votes
-                interval = stats.read(votes=(stop.requested(), checkpointer.time_due()))
-                stop_now, time_due = interval.votes
-                policy.count(interval)
-                logger.add(interval)
-                if logger.due(state.step) or last:
-                    totals = loader_totals()
-                    state.bad_rows = totals.bad_samples
-                    logger.write(state, totals, stepper.current_lr(), epoch=progress() / steps_per_epoch)
-                if stop.agreed(stop_now):
-                    policy.preempt()
+                time_due = read_interval(last)
                 if evaluate:
                     m = evaluator.run(
                         model, loss_fn, state.step, progress() / steps_per_epoch, logger.take_train_loss()
