@@ -37,7 +37,7 @@ def _recorded(state: TrainState) -> tuple[int, str] | None:
 
 def _link(src: Path, dest: Path) -> None:
     """``dest`` holds ``src``'s bytes: a hard link, or a copy where the file system has none; atomic."""
-    tmp = dest.with_name(dest.name + TMP_SUFFIX)
+    tmp = dest.with_suffix(TMP_SUFFIX)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
@@ -57,7 +57,7 @@ def restore_best(run_dir: str | Path, checkpoint: Path, state: TrainState) -> st
     """Rank 0, on resume: make best/ hold the best model ``state`` records; what was done, None if nothing."""
     dirs = RunDir(run_dir)
     best, copy, want = dirs.best_model, checkpoint / BEST_COPY, _recorded(state)
-    best.with_suffix(TMP_SUFFIX).unlink(missing_ok=True)  # a write the interrupted process did not finish
+    best.with_suffix(TMP_SUFFIX).unlink(missing_ok=True)  # a write the interrupted process left unfinished
     held = identity(best)
     if held == want and (want is not None or not best.exists()):
         return None
