@@ -161,7 +161,8 @@ def test_a_resume_restores_best_from_the_checkpoint_and_moves_the_newer_one_asid
     aside = list((run_dir / ABANDONED).glob(f"{10:08d}-*/{BEST}/{CONSOLIDATED}"))
     assert [load_consolidated_meta(p)["step"] for p in aside] == [12]
     out = capsys.readouterr().out
-    assert f"moved {run_dir / BEST / CONSOLIDATED} (step 12 of run r)" in out and f"restored {run_dir}" in out
+    assert f"{run_dir / BEST / CONSOLIDATED} held step 12 of run r; moved that to {run_dir / ABANDONED}" in out
+    assert f"restored step 10's from {checkpoint / BEST_COPY}" in out
 
     checkpointer(run_dir).load(checkpoint)
     assert "best model" not in capsys.readouterr().out, "consistent: nothing done, nothing said"

@@ -22,7 +22,7 @@ from dist_train.rundir import BEST, CONSOLIDATED, RunDir
 BEST_COPY = "best.safetensors"  # in each checkpoint: the best model it records
 
 
-def identity(path: Path) -> tuple[int, str] | None:
+def _identity(path: Path) -> tuple[int, str] | None:
     """(step, run_id) in a best model's metadata; None when the file is missing or unreadable."""
     try:
         meta = load_consolidated_meta(path)
@@ -49,7 +49,7 @@ def _link(src: Path, dest: Path) -> None:
 def keep_best(run_dir: str | Path, checkpoint: Path, state: TrainState) -> None:
     """Rank 0, while the checkpoint is written: add the best model it records, when best/ holds that one."""
     best = RunDir(run_dir).best_model
-    if _recorded(state) is not None and identity(best) == _recorded(state):
+    if _recorded(state) is not None and _identity(best) == _recorded(state):
         _link(best, checkpoint / BEST_COPY)
 
 
@@ -58,28 +58,29 @@ def restore_best(run_dir: str | Path, checkpoint: Path, state: TrainState) -> st
     dirs = RunDir(run_dir)
     best, copy, want = dirs.best_model, checkpoint / BEST_COPY, _recorded(state)
     best.with_suffix(TMP_SUFFIX).unlink(missing_ok=True)  # a write the interrupted process left unfinished
-    held = identity(best)
+    held = _identity(best)
     if held == want and (want is not None or not best.exists()):
         return None
-    if want is not None and identity(copy) != want:
+    if want is not None and _identity(copy) != want:
         return (
             f"warning: checkpoint {checkpoint} records the best model at step {state.best_step} but holds no copy "
             f"of it, and {best} holds {_describe(best, held)}: left as it is; it is replaced when the run finds a "
             "better model"
         )
     said = [
-        f"best model: checkpoint {checkpoint.name} records "
+        f"best model: checkpoint {checkpoint} records "
         + ("none yet" if want is None else f"the one of step {state.best_step}")
+        + f", but {best} held {_describe(best, held)}"
     ]
     if best.exists():
         dest = aside_dir(dirs, state.step) / BEST
         dest.mkdir(parents=True)
         os.replace(best, dest / CONSOLIDATED)
-        said.append(f"moved {best} ({_describe(dest / CONSOLIDATED, held)}) to {dest}")
+        said.append(f"moved that to {dest}")
     if want is not None:
         best.parent.mkdir(parents=True, exist_ok=True)
         _link(copy, best)
-        said.append(f"restored {best} from {copy}")
+        said.append(f"restored step {state.best_step}'s from {copy}")
     return "; ".join(said)
 
 
