@@ -6,7 +6,7 @@ name, so the layout below is the whole contract (job scripts and users read it):
 
     config.yaml                 the resolved configuration of the run
     checkpoints/step-NNNNNNNN/  resumable checkpoints (`dist_train.checkpoint`)
-    best/model.safetensors      the best model so far (fp32 weights, config in metadata)
+    best/model.safetensors      the best model so far (fp32 weights, config and step in metadata)
     metrics/                    eval-stepNNNNNNNN.json per evaluation, test.json at the end
     tb/                         TensorBoard events (what `dist-train report` reads)
     trace/                      row traces (--trace_rows)

@@ -3,18 +3,21 @@
 Layout under the run directory::
 
     checkpoints/step-00000120/    accelerator.save_state (DeepSpeed: sharded engine state) +
-                                  trainer_state.json + config.yaml + COMPLETE
+                                  trainer_state.json + config.yaml + best.safetensors (the best model
+                                  it records, a hard link to best/'s file) + COMPLETE
     best/model.safetensors        fp32 master weights of the best model (config and step in metadata)
     abandoned/<step>-<time>/      checkpoints (and best/, DONE, eval metrics) of a branch left behind by an
                                   explicit resume from an older checkpoint
 
 One job per module: ``checkpointer`` (the policy the loop follows: `Checkpointer`), ``state`` (the trainer
 state, trainer_state.json), ``lineage`` (run ids, listing, pruning, where a run starts), ``write`` (the
-atomic write and the failure every rank agrees on), ``background`` (the best-model writer thread),
+atomic write and the failure every rank agrees on), ``background`` (the best-model writer thread), ``best``
+(best/ agrees with the trainer state: kept in each checkpoint, restored on resume),
 ``consolidated`` (fp32 safetensors weights, from any checkpoint) and ``safety`` (what is checked before
 anything is unpickled). The names below are the package's interface; import them from here.
 """
 
+from dist_train.checkpoint.best import BEST_COPY
 from dist_train.checkpoint.checkpointer import Checkpointer
 from dist_train.checkpoint.consolidated import (
     consolidate_checkpoint,
@@ -45,6 +48,7 @@ from dist_train.checkpoint.write import CheckpointWriteError
 from dist_train.rundir import CONSOLIDATED
 
 __all__ = [
+    "BEST_COPY",
     "COMPLETE",
     "CONSOLIDATED",
     "PICKLE_SUFFIXES",

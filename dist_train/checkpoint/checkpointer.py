@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from dist_train.checkpoint.background import BackgroundWriter
+from dist_train.checkpoint.best import restore_best
 from dist_train.checkpoint.consolidated import master_state_dict, save_consolidated
 from dist_train.checkpoint.lineage import decide_start, prune
 from dist_train.checkpoint.safety import assert_loadable
@@ -89,12 +90,16 @@ class Checkpointer:
         """Restore model, optimizer, loss scaler and RNG (collective), then the trainer state.
 
         Refuses (UnsafeCheckpointError, a ConfigError) a checkpoint holding symlinks, special files, paths
-        resolving outside it or pickles importing code, before anything is unpickled.
+        resolving outside it or pickles importing code, before anything is unpickled. Then best/ is made
+        to hold the best model the state records (`best.restore_best`), and what was done is said.
         """
         path = Path(path)
         assert_loadable(path)
         self.acc.load_state(str(path))
         state = read_state(path)
+        said = self._on_main(lambda: restore_best(self.run_dir, path, state))
+        if said and self._main:
+            print(f"dist-train: {said}", flush=True)
         self.last_saved_step = state.step
         return state
 
@@ -120,9 +125,12 @@ class Checkpointer:
     def save(self, state: TrainState) -> Path:
         """Collective: every rank must call it at the same step. Atomic: ``*.tmp``, COMPLETE, rename.
 
-        Then prunes to ``keep_last`` checkpoints of the lineage (``state.run_id``), never the best step.
-        A failed write on any rank raises CheckpointWriteError on every rank, the ``*.tmp`` removed.
+        The best model still waiting is written first, so that the checkpoint records only a best model
+        that is on disk, and holds it. Then prunes to ``keep_last`` checkpoints of the lineage
+        (``state.run_id``), never the best step. A failed write on any rank raises CheckpointWriteError on
+        every rank, the ``*.tmp`` removed.
         """
+        self._write_pending_best(state)
         final = write_checkpoint(self.acc, self.run_config, self.run_dir, state)
         if self._main:
             prune(self.run_dir, state, self.cfg.keep_last)
@@ -136,7 +144,7 @@ class Checkpointer:
         Collective in every distributed mode (every rank calls it at the same step): under DeepSpeed each
         parameter's fp32 master is gathered. The file is written by a thread on rank 0, at most every
         ``best_every_minutes`` (a newer best replaces a snapshot still waiting), so the step does not wait
-        for the disk; `close` writes the last one. A failed write of an earlier snapshot raises
+        for the disk; `save` and `close` write the one waiting. A failed write of an earlier snapshot raises
         CheckpointWriteError on every rank here or in `close`.
         """
         self._agree_best(state)
@@ -150,6 +158,9 @@ class Checkpointer:
 
     def close(self, state: TrainState) -> None:
         """Collective: write the best model still waiting, and say so on every rank if it failed."""
+        self._write_pending_best(state)
+
+    def _write_pending_best(self, state: TrainState) -> None:
         if self._main:
             self._best.flush()
         self._agree_best(state)

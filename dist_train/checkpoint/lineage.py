@@ -248,10 +248,7 @@ def _abandon(dirs: RunDir, step: int, newer: list[Path]) -> None:
             eval_step = rundir.eval_metrics_step(f.name)
             if eval_step is not None and eval_step > step:
                 moves.append((f, f"{rundir.METRICS}/{f.name}"))
-    base = dirs.abandoned / f"{step:08d}-{time.strftime('%Y%m%dT%H%M%S')}"
-    dest, n = base, 1
-    while dest.exists():
-        dest, n = base.with_name(f"{base.name}-{n}"), n + 1
+    dest = aside_dir(dirs, step)
     for src, rel in moves:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -263,3 +260,12 @@ def _abandon(dirs: RunDir, step: int, newer: list[Path]) -> None:
         f"resume from step {step}: moved the abandoned branch's newer checkpoints "
         f"{[p.name for p in newer]}{extra} to {dest}"
     )
+
+
+def aside_dir(dirs: RunDir, step: int) -> Path:
+    """A new abandoned/<step>-<time>/ path (not yet created) for what a branch wrote after ``step``."""
+    base = dirs.abandoned / f"{step:08d}-{time.strftime('%Y%m%dT%H%M%S')}"
+    dest, n = base, 1
+    while dest.exists():
+        dest, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return dest

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dist_train.checkpoint.best import keep_best
 from dist_train.checkpoint.lineage import checkpoint_step, lineage_checkpoints, step_dir_name
 from dist_train.checkpoint.state import COMPLETE, TMP_SUFFIX, TrainState, write_state
 from dist_train.config import Config
@@ -32,7 +33,8 @@ class CheckpointWriteError(RuntimeError):
 
 
 def write_checkpoint(accelerator, run_config: Config, run_dir: str | Path, state: TrainState) -> Path:
-    """Collective: ``accelerator.save_state`` + trainer state + config + COMPLETE under ``*.tmp``, then rename.
+    """Collective: ``accelerator.save_state`` + trainer state + config + the best model it records
+    (`best.keep_best`) + COMPLETE under ``*.tmp``, then rename.
 
     Every rank must call it at the same step; rank 0 does the directory work. A failure on any rank raises
     CheckpointWriteError on every rank, the ``*.tmp`` removed.
@@ -60,6 +62,7 @@ def write_checkpoint(accelerator, run_config: Config, run_dir: str | Path, state
     def finish():
         write_state(tmp, state)
         run_config.save(tmp)
+        keep_best(run_dir, tmp, state)
         (tmp / COMPLETE).write_text(f"{state.step}\n")
         if final.exists():  # a same-step checkpoint of an earlier process
             shutil.rmtree(final)
