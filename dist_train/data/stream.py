@@ -701,6 +701,12 @@ class TrainStream:
             read = sum(lay.rows for lay in self.earlier) + (self.batches_per_epoch - self.first) * self.rows_per_batch
             self._done.dropped_tail += max(0, self.table.n_rows - read)
 
+    def count_unread(self, layouts: Sequence[Layout]) -> None:
+        """An epoch a resume ended early (its rows left did not fill a step): what no layout read is counted
+        with the dropped tails."""
+        if self._plan.rank == 0:
+            self._done.dropped_tail += max(0, self.table.n_rows - sum(lay.rows for lay in layouts))
+
     @property
     def rows_per_batch(self) -> int:
         """Rows every rank together takes in one batch."""
