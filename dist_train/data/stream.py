@@ -471,31 +471,36 @@ def _take(head: np.ndarray, tail: int, n: int) -> np.ndarray:
     return np.concatenate([head[:n], np.arange(tail, tail + max(0, n - len(head)), dtype=np.int64)])
 
 
-def continue_sequence(
-    table: BlockTable, resampled: bool, layouts: Sequence[Layout], fields=REQUIRED
-) -> tuple[np.ndarray, int]:
-    """The positions of an epoch's row sequence no layout of ``layouts`` consumed, in order: ``head``, then
-    ``tail``, ``tail + 1``, ... Each layout dealt the positions its predecessors left; a pure function of
-    (seed, epoch, geometries, cursors), as every rank computes it alike.
+def layout_orders(table: BlockTable, lay: Layout, dealt: np.ndarray, fields=REQUIRED) -> list[np.ndarray]:
+    """Each reader's order (`_reader_order`, rank-major) in a layout that was dealt the positions ``dealt``."""
+    batches = lay.batches_per_epoch - lay.first
+    per_rank = batches * lay.batch_size
+    orders = []
+    for rank in range(lay.world_size):
+        plan = _ReadPlan(
+            table, tuple(fields), lay.batch_size, rank, lay.world_size, False, lay.seed, lay.epoch,
+            lay.shuffle_blocks, batches, 0, sequence=dealt[rank * per_rank : (rank + 1) * per_rank],
+        )  # fmt: skip
+        orders += [_reader_order(plan, worker, lay.readers) for worker in range(lay.readers)]
+    return orders
+
+
+def continue_sequence(table: BlockTable, layouts: Sequence[Layout], n: int, fields=REQUIRED) -> np.ndarray:
+    """The first ``n`` positions of an epoch's row sequence that no layout of ``layouts`` consumed, in order.
+
+    Each layout was dealt the positions its predecessors left; a pure function of (seed, epoch,
+    geometries, cursors), so every rank computes it alike without reading a row.
     """
-    head, tail = np.empty(0, np.int64), 0
+    head, tail = np.empty(0, np.int64), 0  # the sequence left: head, then tail, tail + 1, ...
     for lay in layouts:
-        if resampled or len(lay.cursors) != lay.world_size * lay.readers:
-            raise ValueError(f"layout {lay}: exact epochs, one cursor per reader")
-        batches = lay.batches_per_epoch - lay.first
-        per_rank = batches * lay.batch_size
-        dealt = _take(head, tail, per_rank * lay.world_size)
-        consumed = []
-        for rank in range(lay.world_size):
-            plan = _ReadPlan(
-                table, tuple(fields), lay.batch_size, rank, lay.world_size, False, lay.seed, lay.epoch,
-                lay.shuffle_blocks, batches, 0, sequence=dealt[rank * per_rank : (rank + 1) * per_rank],
-            )  # fmt: skip
-            for worker in range(lay.readers):
-                consumed.append(_reader_order(plan, worker, lay.readers)[: lay.cursors[rank * lay.readers + worker]])
-        left = np.setdiff1d(dealt, np.concatenate([np.empty(0, np.int64), *consumed]), assume_unique=True)
+        if len(lay.cursors) != lay.world_size * lay.readers:
+            raise ValueError(f"layout {lay}: give one cursor per reader ({lay.world_size * lay.readers})")
+        dealt = _take(head, tail, (lay.batches_per_epoch - lay.first) * lay.batch_size * lay.world_size)
+        orders = layout_orders(table, lay, dealt, fields)
+        consumed = np.concatenate([np.empty(0, np.int64)] + [o[:c] for o, c in zip(orders, lay.cursors)])
+        left = np.setdiff1d(dealt, consumed, assume_unique=True)
         head, tail = np.concatenate([left, head[len(dealt) :]]), max(tail, tail + len(dealt) - len(head))
-    return head, tail
+    return _take(head, tail, n)
 
 
 class _Epoch(torch.utils.data.IterableDataset):
@@ -721,9 +726,9 @@ class TrainStream:
         )
         if not self.earlier:
             return plan
-        head, tail = continue_sequence(self.table, False, self.earlier, plan.fields)
         per_rank = plan.batches_per_epoch * plan.batch_size
-        return dataclasses.replace(plan, sequence=_take(head, tail, per_rank * (plan.rank + 1))[-per_rank:])
+        dealt = continue_sequence(self.table, self.earlier, per_rank * (plan.rank + 1), plan.fields)
+        return dataclasses.replace(plan, sequence=dealt[-per_rank:])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         plan = self._epoch_plan()
