@@ -79,6 +79,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     else:
         state = checkpointer.load(start)
         state.resumed_from, state.schedule_offset = state.step, offset
+        state.relaid_epochs += bool(resumed_epoch and resumed_epoch.relaid)
         acc.print(f"dist-train: resumed from {start} at step {state.step}")
     position = state.applied_steps + state.schedule_offset
     stepper = Stepper(model, optimizer, runtime, cfg, steps_per_epoch, total_steps, position)

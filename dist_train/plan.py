@@ -173,6 +173,7 @@ class EpochStart:
     first: int = 0  # the epoch batch its layout began at
     cursors: tuple[int, ...] = ()  # every rank's readers' cursors, when it continues the checkpoint's own layout
     unread: tuple[Layout, ...] = field(default=())  # the resume ended the epoch: what read it (the rest is a gap)
+    relaid: bool = False  # another layout than the checkpoint's goes on with the epoch
 
 
 def epoch_start(saved: TrainState, plan: Plan, cfg: Config, position: int) -> EpochStart | None:
@@ -182,7 +183,7 @@ def epoch_start(saved: TrainState, plan: Plan, cfg: Config, position: int) -> Ep
         return None
     last, epoch = layouts[-1], position // plan.steps_per_epoch
     if epoch != last.epoch:  # the rows read so far left less than one global batch of the new geometry
-        return EpochStart(last.epoch, unread=tuple(layouts))
+        return EpochStart(last.epoch, unread=tuple(layouts), relaid=True)
     same = (last.world_size, last.batch_size, last.readers, last.batches_per_epoch) == (
         plan.world_size,
         plan.micro_batch,
@@ -191,4 +192,4 @@ def epoch_start(saved: TrainState, plan: Plan, cfg: Config, position: int) -> Ep
     )
     if same:
         return EpochStart(epoch, tuple(layouts[:-1]), last.first, last.cursors)
-    return EpochStart(epoch, tuple(layouts), (position % plan.steps_per_epoch) * plan.accumulation)
+    return EpochStart(epoch, tuple(layouts), (position % plan.steps_per_epoch) * plan.accumulation, relaid=True)

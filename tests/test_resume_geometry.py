@@ -182,6 +182,7 @@ def test_resume_under_two_ddp_processes_reads_each_row_of_the_epoch_once(stopped
     rows = epoch_rows(run.run_dir)
     assert len(rows) == STOP_AT * MICRO + (total // 128 - 3) * 128
     assert_once(rows, total, log)
+    assert "1 resume(s) under another geometry continued an exact epoch, reading none of its rows again" in log
 
 
 def test_resume_with_other_loader_workers_then_another_micro_batch_reads_each_row_once(stopped_run, resumed_runs):
@@ -195,3 +196,4 @@ def test_resume_with_other_loader_workers_then_another_micro_batch_reads_each_ro
     rows = epoch_rows(run.run_dir)
     assert len(rows) == CHAIN_AT * MICRO + (total // 32 - CHAIN_AT * 2) * 32
     assert_once(rows, total, log)
+    assert "2 resume(s) under another geometry continued an exact epoch" in log.rsplit("dist-train: data:", 1)[1]
