@@ -197,3 +197,38 @@ def test_resume_with_other_loader_workers_then_another_micro_batch_reads_each_ro
     assert len(rows) == CHAIN_AT * MICRO + (total // 32 - CHAIN_AT * 2) * 32
     assert_once(rows, total, log)
     assert "2 resume(s) under another geometry continued an exact epoch" in log.rsplit("dist-train: data:", 1)[1]
+
+
+def test_a_second_stop_inside_the_continued_epoch_resumes_at_its_own_layout(bad_rows_set):
+    """2 ranks read 7 batches, 3 ranks read 4 more and stop, the same 3 ranks resume: the batches it had left."""
+    source, _ = bad_rows_set
+    old, cursors = streams(source, 2, 16, 0), []
+    for s in old:
+        s.set_epoch(1)
+        batches = iter(s)
+        [next(batches) for _ in range(7)]
+        batches.close()
+        cursors += s.cursors()
+    lay = old[0].layouts(cursors, stop=7)
+    first = ceil_div(7 * 2 * 16, 3 * 8)
+    whole, stopped = [], []
+    for s in streams(source, 3, 8, 0):
+        s.set_epoch(1, first, earlier=lay, first=first)
+        whole.append([b["row"].tolist() for b in s])
+        s.set_epoch(1, first, earlier=lay, first=first)
+        batches = iter(s)
+        [next(batches) for _ in range(4)]
+        stopped.append((s, batches))
+    cursors = [c for s, _ in stopped for c in s.cursors()]
+    saved = stopped[0][0].layouts(cursors, stop=first + 4)  # what a checkpoint here records
+    assert saved[:-1] == lay
+    assert (saved[-1].world_size, saved[-1].first, saved[-1].stop, list(saved[-1].cursors)) == (
+        3, first, first + 4, cursors
+    )  # fmt: skip
+    for _, batches in stopped:
+        batches.close()
+    for rank, s in enumerate(streams(source, 3, 8, 0)):
+        last = saved[-1]
+        s.set_epoch(1, last.stop, earlier=saved[:-1], first=last.first, cursors=last.cursors[rank : rank + 1])
+        assert s.cursors() == [last.cursors[rank]], "a reader that has yielded nothing yet keeps its saved cursor"
+        assert [b["row"].tolist() for b in s] == whole[rank][4:], "the batches the stopped layout had not yet read"
