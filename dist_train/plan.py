@@ -140,11 +140,17 @@ def check_resume(saved: TrainState, plan: Plan, fingerprint: str, runtime: Runti
     layouts = saved_layouts(saved)
     if layouts and not cfg.data.resampled:
         epoch, read = layouts[-1].epoch, sum(lay.rows for lay in layouts)
-        position = epoch * plan.steps_per_epoch + -(-read // plan.global_batch)  # no step left short of new rows
+        steps_read = -(-read // plan.global_batch)  # the first step after them: no step left short of new rows
+        position = epoch * plan.steps_per_epoch + min(steps_read, plan.steps_per_epoch)
+        what = (
+            f"epoch {epoch} continues exactly: its {read} rows read so far are not read again, the others are dealt "
+            f"over {new[0]} x {_readers(cfg.data.num_workers)} readers"
+            if steps_read < plan.steps_per_epoch
+            else f"epoch {epoch} ends here: its {read} rows read so far leave less than a global batch of the "
+            "others (counted as dropped tail)"
+        )
         runtime.accelerator.print(
-            f"dist-train: resume: {said}; epoch {epoch} continues exactly: its {read} rows read so far are not read "
-            f"again, the others are dealt over {new[0]} x {_readers(cfg.data.num_workers)} readers "
-            f"(step {saved.step} is schedule position {position})"
+            f"dist-train: resume: {said}; {what} (step {saved.step} is schedule position {position})"
         )
         return position - saved.step
     if old == new:  # only the workers changed, at an epoch's end or in resampled mode: nothing to continue

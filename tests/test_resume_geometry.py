@@ -20,11 +20,14 @@ import pytest
 from conftest import FAST_TRAIN_FLAGS, TrainRun
 from test_resume import traced_rows
 
-from dist_train.checkpoint import STATE_FILE, step_dir_name
+from dist_train.checkpoint import STATE_FILE, TrainState, step_dir_name
+from dist_train.config import Config, ConfigError
 from dist_train.data import shards
 from dist_train.data.blocks import Block, BlockTable
 from dist_train.data.stream import Layout, TrainStream, continue_sequence, layout_orders, worker_batches
+from dist_train.plan import EpochStart, Plan, check_resume, epoch_start
 from dist_train.rundir import CHECKPOINTS
+from dist_train.runtime import Runtime
 from dist_train.synth import SynthParams, generate
 
 SEED, SHUFFLE = 11, 8
@@ -118,6 +121,41 @@ def test_streams_with_bad_rows_continue_an_epoch_from_the_cursors_their_batches_
     assert not (set(before.tolist()) | set(after.tolist())) & bad, "non-finite rows never reach a batch"
     assert len(before) == len(np.unique(before))
     assert len(after) - len(np.unique(after)) == repeats, "rows read twice after the resume are counted repeats"
+
+
+class Printer:
+    def __init__(self):
+        self.printed: list[str] = []
+
+    def print(self, msg: str) -> None:
+        self.printed.append(msg)
+
+
+def resume_at(stop: int, world: int, workers: int, deepspeed: int | None = None):
+    """A 1-process, 1-worker checkpoint after ``stop`` of 26 steps (1680 rows, micro 64) resumed by ``world``."""
+    lay = Layout(0, 1, 64, 1, 26, 0, stop, (stop * 64,), 42, 8)
+    saved = TrainState(step=stop, world_size=1, micro_batch=64, accumulation=1, num_workers=1,
+                       epoch_layouts=[lay.as_dict()])  # fmt: skip
+    cfg, plan, printer = Config(), Plan(64, 1, world, 1680), Printer()
+    cfg.data.resampled, cfg.data.num_workers = False, workers
+    offset = check_resume(saved, plan, "", Runtime(printer, "fp32", deepspeed), cfg)
+    return lay, offset, epoch_start(saved, plan, cfg, stop + offset), printer.printed
+
+
+def test_a_resume_continues_ends_or_keeps_the_checkpoint_epoch_and_says_which():
+    lay, offset, start, said = resume_at(5, world=2, workers=1)  # 320 rows read: 3 steps of 128 cover them
+    assert (offset, start) == (3 - 5, EpochStart(0, (lay,), first=3, relaid=True))
+    assert "epoch 0 continues exactly: its 320 rows read so far are not read again" in said[0]
+    lay, offset, start, said = resume_at(25, world=2, workers=1)  # 1600 rows read: 80 left, less than 128
+    assert (offset, start) == (13 - 25, EpochStart(0, unread=(lay,), relaid=True))
+    assert "epoch 0 ends here: its 1600 rows read so far leave less than a global batch" in said[0]
+    lay, offset, start, said = resume_at(5, world=1, workers=0)  # 0 workers read as one: the same layout
+    assert (offset, start, said) == (0, EpochStart(0, (), first=0, cursors=(320,)), [])
+    lay, offset, start, said = resume_at(5, world=1, workers=3, deepspeed=2)  # ZeRO takes a change of workers
+    assert (offset, start) == (0, EpochStart(0, (lay,), first=5, relaid=True))
+    assert "loader workers 1 -> 3; epoch 0 continues exactly" in said[0]
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO checkpoints are bound"):
+        resume_at(5, world=2, workers=1, deepspeed=2)
 
 
 # ---- real runs -------------------------------------------------------------------------------------------
