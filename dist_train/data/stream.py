@@ -18,8 +18,12 @@ collective for a batch another rank never gets. ``set_epoch(e, start_batch=c)``
 yields the epoch's batches after the first ``c``: the readers produce the same
 batches as the uninterrupted epoch and skip the first ones, which is how a
 resumed run reads each row once per epoch. Rows of up to ``shuffle_blocks``
-blocks are shuffled together before batches are cut. Bad blocks and rows with a
-non-finite value are skipped and counted in ``LoaderStats``.
+blocks are shuffled together before batches are cut, in an order that depends on
+(seed, epoch, geometry) only; each batch reports its reader's cursor in that
+order. A resume under another geometry (exact mode) passes the layouts that read
+the epoch so far (``Layout``: geometry and cursors): ``continue_sequence``
+recomputes what they consumed, and the new readers are dealt the rest. Bad blocks
+and rows with a non-finite value are skipped and counted in ``LoaderStats``.
 A batch leaves a DataLoader worker as one buffer (``transport.py``); evaluation
 reads through ``eval_reader.py``.
 """
