@@ -131,12 +131,12 @@ class Printer:
         self.printed.append(msg)
 
 
-def resume_at(stop: int, world: int, workers: int, deepspeed: int | None = None):
+def resume_at(stop: int, world: int, workers: int, deepspeed: int | None = None, micro: int = 64, accumulation=1):
     """A 1-process, 1-worker checkpoint after ``stop`` of 26 steps (1680 rows, micro 64) resumed by ``world``."""
     lay = Layout(0, 1, 64, 1, 26, 0, stop, (stop * 64,), 42, 8)
     saved = TrainState(step=stop, world_size=1, micro_batch=64, accumulation=1, num_workers=1,
                        epoch_layouts=[lay.as_dict()])  # fmt: skip
-    cfg, plan, printer = Config(), Plan(64, 1, world, 1680), Printer()
+    cfg, plan, printer = Config(), Plan(micro, accumulation, world, 1680), Printer()
     cfg.data.resampled, cfg.data.num_workers = False, workers
     offset = check_resume(saved, plan, "", Runtime(printer, "fp32", deepspeed), cfg)
     return lay, offset, epoch_start(saved, plan, cfg, stop + offset), printer.printed
@@ -154,6 +154,8 @@ def test_a_resume_continues_ends_or_keeps_the_checkpoint_epoch_and_says_which():
     lay, offset, start, said = resume_at(5, world=1, workers=3, deepspeed=2)  # ZeRO takes a change of workers
     assert (offset, start) == (0, EpochStart(0, (lay,), first=5, relaid=True))
     assert "loader workers 1 -> 3; epoch 0 continues exactly" in said[0]
+    lay, offset, start, said = resume_at(5, world=1, workers=1, micro=16, accumulation=3)  # steps of 48 rows
+    assert (offset, start) == (7 - 5, EpochStart(0, (lay,), first=7 * 3, relaid=True)), "micro batches of its step 7"
     with pytest.raises(ConfigError, match="DeepSpeed ZeRO checkpoints are bound"):
         resume_at(5, world=2, workers=1, deepspeed=2)
 
