@@ -28,7 +28,7 @@ from dist_train.evaluate import Evaluator
 from dist_train.losses import FrontalLoss
 from dist_train.model import build_model
 from dist_train.optim import Stepper, build_optimizer
-from dist_train.plan import Plan, check_resume, data_fingerprint, open_shard_sets
+from dist_train.plan import Plan, check_resume, data_fingerprint, epoch_start, open_shard_sets
 from dist_train.preemption import StopRequest
 from dist_train.progress import Outcome, RunPolicy
 from dist_train.rundir import RunDir
@@ -59,7 +59,9 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     checkpointer = Checkpointer(cfg.checkpoint, run_dir.root, acc, cfg)
     # refusals come before any write
     start = checkpointer.resolve_start(cfg.checkpoint.resume, cfg.checkpoint.overwrite)
-    offset = check_resume(read_state(start), plan, fingerprint, runtime, cfg) if start else 0
+    saved = read_state(start) if start else None
+    offset = check_resume(saved, plan, fingerprint, runtime, cfg) if saved else 0
+    resumed_epoch = epoch_start(saved, plan, cfg, saved.step + offset) if saved else None
 
     # ---- model, optimizer, loss ---------------------------------------------------------------
     model = build_model(cfg.model)
@@ -77,6 +79,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     else:
         state = checkpointer.load(start)
         state.resumed_from, state.schedule_offset = state.step, offset
+        state.relaid_epochs += bool(resumed_epoch and resumed_epoch.relaid)
         acc.print(f"dist-train: resumed from {start} at step {state.step}")
     position = state.applied_steps + state.schedule_offset
     stepper = Stepper(model, optimizer, runtime, cfg, steps_per_epoch, total_steps, position)
@@ -125,14 +128,22 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
         total.add(loader_base)
         return total
 
+    def epoch_layouts() -> list[dict]:  # collective: what read the running epoch so far, every rank's cursors
+        cursors = [0] * (runtime.world_size * stream.readers)
+        cursors[runtime.rank * stream.readers : (runtime.rank + 1) * stream.readers] = stream.cursors()
+        cursors = [int(c) for c in runtime.sum_over_ranks(cursors)]
+        return [lay.as_dict() for lay in stream.layouts(cursors, (progress() % steps_per_epoch) * plan.accumulation)]
+
     def checkpoint(force: bool, completed_epoch: int | None, time_due: bool) -> None:
         if state.step == checkpointer.last_saved_step or not (
             force or checkpointer.due(state.step, completed_epoch, time_due)
         ):
             return
         state.loader = loader_totals().as_dict()
+        state.epoch_layouts = epoch_layouts()
         state.schedule_offset = stepper.applied_position() - state.applied_steps
         state.world_size, state.micro_batch, state.accumulation = plan.world_size, plan.micro_batch, plan.accumulation
+        state.num_workers = cfg.data.num_workers
         state.data_fingerprint = fingerprint
         logger.flush()  # the curve up to a checkpoint is on disk before the checkpoint is
         if trace:
@@ -180,7 +191,21 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     try:
         while progress() < total_steps and outcome is None:
             epoch = progress() // steps_per_epoch
-            stream.set_epoch(epoch, start_batch=(progress() % steps_per_epoch) * plan.accumulation)
+            at = (progress() % steps_per_epoch) * plan.accumulation
+            if resumed_epoch is not None and resumed_epoch.unread:
+                stream.count_unread(resumed_epoch.unread)
+            if resumed_epoch is not None and resumed_epoch.epoch == epoch:  # the rest of the checkpoint's epoch
+                r = runtime.rank * stream.readers
+                stream.set_epoch(
+                    epoch,
+                    at,
+                    earlier=resumed_epoch.earlier,
+                    first=resumed_epoch.first,
+                    cursors=resumed_epoch.cursors[r : r + stream.readers],
+                )
+            else:
+                stream.set_epoch(epoch, start_batch=at)
+            resumed_epoch = None
             for batch in stream:
                 if not micro_step(batch, epoch, micro):
                     micro += 1

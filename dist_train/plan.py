@@ -8,12 +8,13 @@ arithmetic, so ranks agree on every epoch boundary without asking each other.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dist_train.checkpoint import TrainState
 from dist_train.config import Config, ConfigError, require_data
 from dist_train.data.schema import train_fields
 from dist_train.data.shards import INDEX_NAME, ShardSet, ShardSetError
+from dist_train.data.stream import Layout
 from dist_train.runtime import Runtime
 
 
@@ -93,12 +94,28 @@ def open_shard_sets(cfg: Config) -> list[ShardSet]:
     return sets
 
 
+def saved_layouts(saved: TrainState) -> list[Layout]:
+    """The layouts that read the checkpoint's epoch so far (none at an epoch's end or in resampled mode)."""
+    try:
+        return [Layout.of(raw) for raw in saved.epoch_layouts]
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise ConfigError(
+            f"resume: trainer_state.json has a malformed epoch_layouts entry ({e}); resume from another checkpoint"
+        ) from e
+
+
+def _readers(num_workers: int) -> int:
+    return max(1, num_workers)
+
+
 def check_resume(saved: TrainState, plan: Plan, fingerprint: str, runtime: Runtime, cfg: Config) -> int:
     """Refuse a resume that cannot continue; else the schedule offset (position - step) to continue with.
 
-    Changing world size, micro batch or accumulation changes steps per epoch. One process or DDP
-    continue at the same fraction of the schedule; DeepSpeed's ZeRO partitions are bound to the
-    world size they were saved with, so a changed geometry is refused there before anything loads.
+    Changing world size, micro batch, accumulation or loader workers changes who reads which rows. One
+    process or DDP continue: in exact epochs an interrupted epoch goes on where its rows read so far
+    end (`epoch_start`), otherwise at the same fraction of the schedule. DeepSpeed's ZeRO partitions are
+    bound to the world size they were saved with, so a changed batch geometry is refused there before
+    anything loads.
     """
     if saved.data_fingerprint and saved.data_fingerprint != fingerprint and not cfg.checkpoint.allow_data_change:
         raise ConfigError(
@@ -108,20 +125,77 @@ def check_resume(saved: TrainState, plan: Plan, fingerprint: str, runtime: Runti
         )
     old = (saved.world_size, saved.micro_batch, saved.accumulation)
     new = (plan.world_size, plan.micro_batch, plan.accumulation)
-    if not saved.world_size or old == new:
+    workers_changed = saved.num_workers >= 0 and _readers(saved.num_workers) != _readers(cfg.data.num_workers)
+    if not saved.world_size or (old == new and not workers_changed):
         return saved.schedule_offset
     said = f"saved world {old[0]} x micro batch {old[1]} x accumulation {old[2]}, now {new[0]} x {new[1]} x {new[2]}"
-    if runtime.deepspeed_stage is not None:
+    if workers_changed:
+        said += f", loader workers {saved.num_workers} -> {cfg.data.num_workers}"
+    if runtime.deepspeed_stage is not None and old != new:
         raise ConfigError(
             f"resume: {said}: DeepSpeed ZeRO checkpoints are bound to the geometry they were saved with. Resume with "
             "the same processes, --batch_size and --gradient_accumulation_steps, or start a new run from its weights "
             "(--init_from CHECKPOINT, which takes any checkpoint directory, with a fresh optimizer and schedule)"
         )
+    layouts = saved_layouts(saved)
+    if layouts and not cfg.data.resampled:
+        epoch, read = layouts[-1].epoch, sum(lay.rows for lay in layouts)
+        steps_read = -(-read // plan.global_batch)  # the first step after them: no step left short of new rows
+        position = epoch * plan.steps_per_epoch + min(steps_read, plan.steps_per_epoch)
+        what = (
+            f"epoch {epoch} continues exactly: its {read} rows read so far are not read again, the others are dealt "
+            f"over {new[0]} x {_readers(cfg.data.num_workers)} readers"
+            if steps_read < plan.steps_per_epoch
+            else f"epoch {epoch} ends here: its {read} rows read so far leave less than a global batch of the "
+            "others (counted as dropped tail)"
+        )
+        runtime.accelerator.print(
+            f"dist-train: resume: {said}; {what} (step {saved.step} is schedule position {position})"
+        )
+        return position - saved.step
+    if old == new:  # only the workers changed, at an epoch's end or in resampled mode: nothing to continue
+        if cfg.data.resampled:
+            runtime.accelerator.print(
+                f"dist-train: resume: {said}; resampled readers draw their blocks anew (no exact epoch to keep)"
+            )
+        return saved.schedule_offset
     old_plan = Plan(saved.micro_batch, saved.accumulation, saved.world_size, plan.samples_per_epoch)
     epochs_done = (saved.step + saved.schedule_offset) / old_plan.steps_per_epoch
     position = round(epochs_done * plan.steps_per_epoch)
     runtime.accelerator.print(
         f"dist-train: resume: {said}; steps per epoch {old_plan.steps_per_epoch} -> {plan.steps_per_epoch}, "
         f"continuing the schedule at epoch {epochs_done:.3f} (step {saved.step} is schedule position {position})"
+        + ("; resampled readers draw their blocks anew (no exact epoch to keep)" if cfg.data.resampled else "")
     )
     return position - saved.step
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """How a resumed process reads the epoch it resumes in (`TrainStream.set_epoch`'s layout arguments)."""
+
+    epoch: int
+    earlier: tuple[Layout, ...] = ()
+    first: int = 0  # the epoch batch its layout began at
+    cursors: tuple[int, ...] = ()  # every rank's readers' cursors, when it continues the checkpoint's own layout
+    unread: tuple[Layout, ...] = field(default=())  # the resume ended the epoch: what read it (the rest is a gap)
+    relaid: bool = False  # another layout than the checkpoint's goes on with the epoch
+
+
+def epoch_start(saved: TrainState, plan: Plan, cfg: Config, position: int) -> EpochStart | None:
+    """The checkpoint's epoch as the resumed run continues it at schedule ``position``; None: a fresh epoch."""
+    layouts = saved_layouts(saved)
+    if not layouts or cfg.data.resampled:
+        return None
+    last, epoch = layouts[-1], position // plan.steps_per_epoch
+    if epoch != last.epoch:  # the rows read so far left less than one global batch of the new geometry
+        return EpochStart(last.epoch, unread=tuple(layouts), relaid=True)
+    same = (last.world_size, last.batch_size, last.readers, last.batches_per_epoch) == (
+        plan.world_size,
+        plan.micro_batch,
+        _readers(cfg.data.num_workers),
+        plan.batches_per_epoch,
+    )
+    if same:
+        return EpochStart(epoch, tuple(layouts[:-1]), last.first, last.cursors)
+    return EpochStart(epoch, tuple(layouts), (position % plan.steps_per_epoch) * plan.accumulation, relaid=True)

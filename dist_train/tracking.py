@@ -145,6 +145,11 @@ def data_summary(loader, state) -> str:
     if state.nonfinite_steps or state.skipped_steps:
         parts.append(f"{state.nonfinite_steps} non-finite and {state.skipped_steps} overflow steps skipped")
     clean = len(parts) == 1
+    if state.relaid_epochs:
+        parts.append(
+            f"{state.relaid_epochs} resume(s) under another geometry continued an exact epoch, "
+            "reading none of its rows again"
+        )
     return "dist-train: data: " + ", ".join(parts) + ("; no row skipped, repeated or left out" if clean else "")
 
 

@@ -41,7 +41,12 @@ class TrainState:
     world_size: int = 0
     micro_batch: int = 0
     accumulation: int = 0
+    num_workers: int = -1  # loader workers per rank (-1: not recorded)
     data_fingerprint: str = ""
+    # exact epochs, a checkpoint inside an epoch: the layouts (stream.Layout) that read it so far, so that a resume
+    # under another geometry reads none of their rows again
+    epoch_layouts: list = dataclasses.field(default_factory=list)
+    relaid_epochs: int = 0  # resumes that continued an exact epoch under another layout (no row of it read twice)
     # position in the plan's epochs minus step (the lr's position: applied steps + it); 0 unless a resume changed
     # the global batch (train.check_resume)
     schedule_offset: int = 0

@@ -18,8 +18,12 @@ collective for a batch another rank never gets. ``set_epoch(e, start_batch=c)``
 yields the epoch's batches after the first ``c``: the readers produce the same
 batches as the uninterrupted epoch and skip the first ones, which is how a
 resumed run reads each row once per epoch. Rows of up to ``shuffle_blocks``
-blocks are shuffled together before batches are cut. Bad blocks and rows with a
-non-finite value are skipped and counted in ``LoaderStats``.
+blocks are shuffled together before batches are cut, in an order that depends on
+(seed, epoch, geometry) only; each batch reports its reader's cursor in that
+order. A resume under another geometry (exact mode) passes the layouts that read
+the epoch so far (``Layout``: geometry and cursors): ``continue_sequence``
+recomputes what they consumed, and the new readers are dealt the rest. Bad blocks
+and rows with a non-finite value are skipped and counted in ``LoaderStats``.
 A batch leaves a DataLoader worker as one buffer (``transport.py``); evaluation
 reads through ``eval_reader.py``.
 """
@@ -46,6 +50,8 @@ from dist_train.data.transport import REPORTED, ROW, SHAPES, pack_batch, unpack_
 
 _STORAGE = {**{name: np.dtype(f.storage) for name, f in FIELDS.items()}, ROW: np.dtype(np.int64)}
 _PASS = "__pass__"  # per row: 0 the first read of the row this epoch, > 0 a repeat
+_SLOT = "__slot__"  # per row of a part: its place among the rows the part was asked for
+_KEY = "__key__"  # per carried row: its place in the reader's order
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 _SHOWN = 5  # problems named in an error message
 
@@ -138,6 +144,7 @@ class _ReadPlan:
     batches_per_epoch: int
     start_batch: int
     weights: tuple[float, ...] | None = None  # resampled mode: probability of drawing from each combined set
+    sequence: np.ndarray | None = None  # exact mode, a layout continuing an epoch: this rank's share of positions
 
 
 _EXACT, _RESAMPLED, _MIXER, _WEIGHTED = 1, 2, 3, 4  # seed purposes
@@ -182,25 +189,68 @@ def _exact_range(plan: _ReadPlan, worker: int, num_workers: int) -> tuple[int, i
     return start, start + worker_batches(plan.batches_per_epoch, worker, num_workers) * plan.batch_size
 
 
-def _exact_segments(plan: _ReadPlan, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
-    """(block, first row, end row, pass) covering rows [start, stop) of the epoch's row sequence.
+def _reader_positions(plan: _ReadPlan, worker: int, num_workers: int) -> np.ndarray:
+    """This reader's positions of the epoch's row sequence (increasing): its range of the layout's sequence."""
+    start, stop = _exact_range(plan, worker, num_workers)
+    if plan.sequence is None:
+        return np.arange(start, stop, dtype=np.int64)
+    first = plan.rank * plan.batches_per_epoch * plan.batch_size  # plan.sequence holds this rank's share
+    return plan.sequence[start - first : stop - first]
+
+
+def _slots(sel: slice | np.ndarray) -> int:
+    return sel.stop - sel.start if isinstance(sel, slice) else len(sel)
+
+
+def _parts(plan: _ReadPlan, positions: np.ndarray) -> list[tuple[int, slice | np.ndarray, int]]:
+    """(block, its rows, pass) covering ``positions`` (increasing) of the epoch's row sequence, in order.
 
     The sequence is the blocks in the epoch's permuted order, pass after pass (a
     second pass only when an epoch asks for more rows than the split holds).
     """
     total = plan.table.n_rows
-    if total == 0 or start >= stop:
-        return
-    for p in range(start // total, -(-stop // total)):
-        order = _block_order(plan, _EXACT, p)
+    out: list[tuple[int, slice | np.ndarray, int]] = []
+    if total == 0 or not len(positions):
+        return out
+    passes = positions // total
+    for p in np.unique(passes):
+        pos = positions[passes == p] - p * total
+        order = _block_order(plan, _EXACT, int(p))
         sizes = np.array([plan.table.blocks[b].n_rows for b in order], dtype=np.int64)
-        ends = p * total + np.cumsum(sizes)
-        first = int(np.searchsorted(ends, start, side="right"))
-        for i in range(first, len(order)):
-            lo = int(ends[i] - sizes[i])
-            if lo >= stop:
-                break
-            yield int(order[i]), max(start, lo) - lo, min(stop, int(ends[i])) - lo, p
+        ends = np.cumsum(sizes)
+        at = np.searchsorted(ends, pos, side="right")
+        cuts = np.flatnonzero(np.diff(at)) + 1
+        for rows, i in zip(np.split(pos, cuts), at[np.r_[0, cuts]]):
+            rows = rows - (ends[i] - sizes[i])
+            whole = rows[-1] - rows[0] + 1 == len(rows)
+            out.append((int(order[i]), slice(int(rows[0]), int(rows[-1]) + 1) if whole else rows, int(p)))
+    return out
+
+
+def _window_place(rng: np.random.Generator, n: int, shuffle: int) -> np.ndarray:
+    """Each of a window's ``n`` slots' place in the reader's order (shuffled together unless ``shuffle`` is 0)."""
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    place = np.empty(n, np.int64)
+    place[rng.permutation(n)] = np.arange(n)
+    return place
+
+
+def _reader_order(plan: _ReadPlan, worker: int, num_workers: int) -> np.ndarray:
+    """The positions of this reader's range in the order its batches take them on the first read (`_Batcher`).
+
+    A pure function of (seed, epoch, geometry): rows it could not use keep their places, so the first
+    ``cursor`` entries are exactly what the reader had consumed when its batch reported ``cursor``.
+    """
+    positions = _reader_positions(plan, worker, num_workers)
+    parts = _parts(plan, positions)
+    rng, width = _mixer(plan, worker), max(1, plan.shuffle_blocks)
+    out, first = np.empty(len(positions), np.int64), 0
+    for w in range(0, len(parts), width):
+        n = sum(_slots(sel) for _, sel, _ in parts[w : w + width])
+        out[first + _window_place(rng, n, plan.shuffle_blocks)] = positions[first : first + n]
+        first += n
+    return out
 
 
 @dataclass
@@ -213,12 +263,17 @@ class _Reader:
     stats: LoaderStats = dataclasses.field(default_factory=LoaderStats)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)  # block -> problem, since the last good block
 
-    def report(self) -> np.ndarray:
-        return np.array([self.worker, *(getattr(self.stats, k) for k in REPORTED)], dtype=np.int64)
+    def report(self, cursor: int) -> np.ndarray:
+        return np.array([self.worker, cursor, *(getattr(self.stats, k) for k in REPORTED)], dtype=np.int64)
 
-    def rows(self, block: int, lo: int, hi: int, pass_no: int, count_losses: bool) -> dict[str, np.ndarray] | None:
-        """Finite rows [lo, hi) of a block (storage dtypes, a pass column), or None when none is usable."""
+    def rows(self, block: int, sel: slice | np.ndarray, pass_no: int, count_losses: bool) -> dict[str, np.ndarray]:
+        """The finite rows ``sel`` of a block (storage dtypes), with each one's slot in ``sel`` and its pass.
+
+        A block that cannot be read gives a part without rows: its slots still take their places in the
+        reader's order (``_reader_order``), so what a reader consumed never depends on what it could read.
+        """
         data_fields = tuple(f for f in self.plan.fields if f != ROW)
+        n_slots = _slots(sel)
         try:
             arrays = self.source.read(block)
         except (BadBlock, OSError) as e:
@@ -226,25 +281,24 @@ class _Reader:
                 self.stats.shard_errors += 1
             if count_losses:
                 self.stats.bad_blocks += 1
-                self.stats.unreadable_rows += hi - lo
+                self.stats.unreadable_rows += n_slots
             self._failed(block, f"{type(e).__name__}: {e}")
-            return None
+            part = {f: np.empty((0, *SHAPES[f]), _STORAGE[f]) for f in self.plan.fields}
+            return {**part, _SLOT: np.empty(0, np.int64), _PASS: np.empty(0, np.int32)}
         self.failed.clear()
         self.stats.blocks_read += 1
-        self.stats.samples_read += hi - lo
-        part = {f: arrays[f][lo:hi] for f in data_fields}
+        self.stats.samples_read += n_slots
+        part = {f: arrays[f][sel] for f in data_fields}
         if ROW in self.plan.fields:
-            first = self.plan.table.blocks[block].first_row
-            part[ROW] = np.arange(first + lo, first + hi, dtype=np.int64)
-        ok = finite_rows(part)  # one bad row must not poison a step; here, off the training process
+            part[ROW] = self.plan.table.blocks[block].first_row + np.arange(self.plan.table.blocks[block].n_rows)[sel]
+        part[_SLOT] = np.arange(n_slots, dtype=np.int64)
+        ok = finite_rows({f: part[f] for f in data_fields})  # one bad row must not poison a step; off the trainer
         n_bad = len(ok) - int(ok.sum())
         if n_bad:
             if count_losses:
                 self.stats.nonfinite_rows += n_bad
             part = {f: a[ok] for f, a in part.items()}
-        if not len(part[data_fields[0]]):
-            return None
-        part[_PASS] = np.full(len(part[data_fields[0]]), pass_no, np.int32)
+        part[_PASS] = np.full(len(part[_SLOT]), pass_no, np.int32)
         return part
 
     def _failed(self, block: int, problem: str) -> None:
@@ -276,17 +330,23 @@ def _gather(parts: list[dict], offsets: np.ndarray, rows: np.ndarray, fields) ->
 
 
 class _Batcher:
-    """Shuffles the rows of up to ``width`` buffered parts together and cuts batches; leftovers go first next time."""
+    """Cuts batches from the reader's order and the usable rows in it; rows that do not fill a batch go first next time.
+
+    The order: the slots of up to ``width`` parts shuffled together (`_window_place`), window after window,
+    whether their rows could be read or not. Each batch reports its cursor, the slots of the order it has
+    passed, so the main process knows exactly what a reader consumed (`continue_sequence`).
+    """
 
     def __init__(self, reader: _Reader, skip: int, rng: np.random.Generator):
         self.reader, self.skip, self.rng = reader, skip, rng
         self.width = max(1, reader.plan.shuffle_blocks)
-        self.buffer: list[dict] = []
+        self.buffer: list[tuple[dict, int]] = []  # (part, its slots)
         self.carry: dict | None = None
         self.emitted = 0  # batches cut so far, skipped ones included
+        self.slots = 0  # slots of the order in the windows flushed so far
 
-    def add(self, part: dict) -> Iterator:
-        self.buffer.append(part)
+    def add(self, part: dict, n_slots: int) -> Iterator:
+        self.buffer.append((part, n_slots))
         if len(self.buffer) >= self.width:
             yield from self.flush()
 
@@ -294,23 +354,32 @@ class _Batcher:
         if not self.buffer:
             return
         plan, size = self.reader.plan, self.reader.plan.batch_size
-        parts = ([self.carry] if self.carry is not None else []) + self.buffer
+        sizes = [n for _, n in self.buffer]
+        place = _window_place(self.rng, sum(sizes), plan.shuffle_blocks)
+        new = [p for p, _ in self.buffer]
+        firsts = np.cumsum([0, *sizes[:-1]])
+        keys = np.concatenate([self.slots + place[f + p[_SLOT]] for p, f in zip(new, firsts)])  # place in the order
+        self.slots += sum(sizes)
+        carry = [self.carry] if self.carry is not None else []
+        parts = carry + new
         offsets = np.cumsum([0] + [len(p[_PASS]) for p in parts])
-        kept = 0 if self.carry is None else len(self.carry[_PASS])
-        new = int(offsets[-1]) - kept
-        order = self.rng.permutation(new) if plan.shuffle_blocks else np.arange(new)
-        index = np.concatenate([np.arange(kept), kept + order])
+        kept = len(carry[0][_PASS]) if carry else 0
+        index = np.concatenate([np.arange(kept), kept + np.argsort(keys, kind="stable")])
+        keys = np.concatenate([carry[0][_KEY] if carry else np.empty(0, np.int64), keys])
         n_batches = len(index) // size
         for i in range(n_batches):
-            rows = np.sort(index[i * size : (i + 1) * size])  # within a batch, block order saves a copy
+            taken = index[i * size : (i + 1) * size]
             self.emitted += 1
             if self.emitted <= self.skip:  # a resumed epoch: consumed (and counted) before the restart
                 continue
-            batch, passes = _gather(parts, offsets, rows, plan.fields)
+            batch, passes = _gather(parts, offsets, np.sort(taken), plan.fields)  # block order saves a copy
             self.reader.stats.repeats += int(np.count_nonzero(passes))
-            yield pack_batch(batch, self.reader.report(), plan.fields)
-        rest, passes = _gather(parts, offsets, np.sort(index[n_batches * size :]), plan.fields)
-        self.carry, self.buffer = {**rest, _PASS: passes}, []
+            yield pack_batch(batch, self.reader.report(int(keys[taken].max()) + 1), plan.fields)
+        left = np.sort(index[n_batches * size :])
+        rest, passes = _gather(parts, offsets, left, plan.fields)
+        back = np.argsort(keys[left], kind="stable")  # the carry keeps the order's order
+        self.carry = {**{f: a[back] for f, a in rest.items()}, _PASS: passes[back], _KEY: keys[left][back]}
+        self.buffer = []
 
 
 def _until(batches: Iterator, batcher: _Batcher, owed: int) -> Iterator:
@@ -321,15 +390,15 @@ def _until(batches: Iterator, batcher: _Batcher, owed: int) -> Iterator:
             return
 
 
+def _mixer(plan: _ReadPlan, worker: int) -> np.random.Generator:
+    return np.random.default_rng(_seed(plan.seed, plan.epoch, plan.rank, worker, _MIXER))
+
+
 def _reader_batches(plan: _ReadPlan) -> Iterator[tuple[torch.Tensor, int]]:
     """One reader's packed batches for one epoch: its share of the rank's batches (DataLoader deals round robin)."""
     worker, num_workers = _worker_info()
     reader = _Reader(plan, worker, BlockReader(plan.table, tuple(f for f in plan.fields if f != ROW)))
-    batcher = _Batcher(
-        reader,
-        skip=worker_batches(plan.start_batch, worker, num_workers),
-        rng=np.random.default_rng(_seed(plan.seed, plan.epoch, plan.rank, worker, _MIXER)),
-    )
+    batcher = _Batcher(reader, skip=worker_batches(plan.start_batch, worker, num_workers), rng=_mixer(plan, worker))
     owed = worker_batches(plan.batches_per_epoch, worker, num_workers)  # the DataLoader takes them round robin
     if owed <= batcher.skip:  # a resume past all of this reader's batches
         return
@@ -337,27 +406,23 @@ def _reader_batches(plan: _ReadPlan) -> Iterator[tuple[torch.Tensor, int]]:
         if plan.resampled:
             for segments in _resampled_passes(plan, worker):
                 for block, lo, hi, p in segments:
-                    part = reader.rows(block, lo, hi, p, count_losses=batcher.emitted >= batcher.skip)
-                    if part is not None:
-                        yield from _until(batcher.add(part), batcher, owed)
-                        if batcher.emitted >= owed:
-                            return
+                    part = reader.rows(block, slice(lo, hi), p, count_losses=batcher.emitted >= batcher.skip)
+                    yield from _until(batcher.add(part, hi - lo), batcher, owed)
+                    if batcher.emitted >= owed:
+                        return
                 yield from _until(batcher.flush(), batcher, owed)  # a pass's rows leave before the next pass's
                 if batcher.emitted >= owed:
                     return
-        start, stop = _exact_range(plan, worker, num_workers)
-        segments = list(_exact_segments(plan, start, stop))
+        segments = _parts(plan, _reader_positions(plan, worker, num_workers))
         for again in itertools.count():  # again > 0: re-reading its range to make up for lost rows
             if again and not segments:
                 break
             got_any = False
-            for block, lo, hi, p in segments:
+            for block, sel, p in segments:
                 first_read = again == 0 and p == 0 and batcher.emitted >= batcher.skip
-                part = reader.rows(block, lo, hi, p + again, count_losses=first_read)
-                if part is None:
-                    continue
-                got_any = True
-                yield from _until(batcher.add(part), batcher, owed)
+                part = reader.rows(block, sel, p + again, count_losses=first_read)
+                got_any = got_any or len(part[_PASS]) > 0
+                yield from _until(batcher.add(part, _slots(sel)), batcher, owed)
                 if batcher.emitted >= owed:
                     return
             yield from _until(batcher.flush(), batcher, owed)
@@ -370,6 +435,76 @@ def _reader_batches(plan: _ReadPlan) -> Iterator[tuple[torch.Tensor, int]]:
                 )
     finally:
         reader.source.close()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The readers of one geometry that read part of an epoch: its batches [first, stop) of each rank.
+
+    ``cursors``, one per reader (rank-major): how much of its order (`_reader_order`) it had consumed.
+    Rows it consumed are known from these numbers alone, so a resume under another geometry continues
+    the epoch without reading any of them again (`continue_sequence`).
+    """
+
+    epoch: int
+    world_size: int
+    batch_size: int
+    readers: int  # per rank: num_workers, at least 1 (0 workers read as one)
+    batches_per_epoch: int  # per rank, a whole epoch at this geometry
+    first: int
+    stop: int
+    cursors: tuple[int, ...]
+    seed: int
+    shuffle_blocks: int
+
+    @property
+    def rows(self) -> int:
+        """Rows this layout trained on."""
+        return (self.stop - self.first) * self.batch_size * self.world_size
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "cursors": list(self.cursors)}
+
+    @classmethod
+    def of(cls, raw: dict) -> Layout:
+        return cls(**{**raw, "cursors": tuple(int(c) for c in raw["cursors"])})
+
+
+def _take(head: np.ndarray, tail: int, n: int) -> np.ndarray:
+    """The first ``n`` of the sequence ``head`` then ``tail``, ``tail + 1``, ..."""
+    return np.concatenate([head[:n], np.arange(tail, tail + max(0, n - len(head)), dtype=np.int64)])
+
+
+def layout_orders(table: BlockTable, lay: Layout, dealt: np.ndarray, fields=REQUIRED) -> list[np.ndarray]:
+    """Each reader's order (`_reader_order`, rank-major) in a layout that was dealt the positions ``dealt``."""
+    batches = lay.batches_per_epoch - lay.first
+    per_rank = batches * lay.batch_size
+    orders = []
+    for rank in range(lay.world_size):
+        plan = _ReadPlan(
+            table, tuple(fields), lay.batch_size, rank, lay.world_size, False, lay.seed, lay.epoch,
+            lay.shuffle_blocks, batches, 0, sequence=dealt[rank * per_rank : (rank + 1) * per_rank],
+        )  # fmt: skip
+        orders += [_reader_order(plan, worker, lay.readers) for worker in range(lay.readers)]
+    return orders
+
+
+def continue_sequence(table: BlockTable, layouts: Sequence[Layout], n: int, fields=REQUIRED) -> np.ndarray:
+    """The first ``n`` positions of an epoch's row sequence that no layout of ``layouts`` consumed, in order.
+
+    Each layout was dealt the positions its predecessors left; a pure function of (seed, epoch,
+    geometries, cursors), so every rank computes it alike without reading a row.
+    """
+    head, tail = np.empty(0, np.int64), 0  # the sequence left: head, then tail, tail + 1, ...
+    for lay in layouts:
+        if len(lay.cursors) != lay.world_size * lay.readers:
+            raise ValueError(f"layout {lay}: give one cursor per reader ({lay.world_size * lay.readers})")
+        dealt = _take(head, tail, (lay.batches_per_epoch - lay.first) * lay.batch_size * lay.world_size)
+        orders = layout_orders(table, lay, dealt, fields)
+        consumed = np.concatenate([np.empty(0, np.int64)] + [o[:c] for o, c in zip(orders, lay.cursors)])
+        left = np.setdiff1d(dealt, consumed, assume_unique=True)
+        head, tail = np.concatenate([left, head[len(dealt) :]]), max(tail, tail + len(dealt) - len(head))
+    return _take(head, tail, n)
 
 
 class _Epoch(torch.utils.data.IterableDataset):
@@ -477,6 +612,9 @@ class TrainStream:
         self.transient = transient
         self.epoch = 0
         self.start_batch = 0
+        self.first = 0  # the epoch batch the current layout began at (0 unless a resume changed the geometry)
+        self.earlier: tuple[Layout, ...] = ()  # layouts that read part of this epoch before this one
+        self._cursors: dict[int, int] = {}  # per worker of this rank: the cursor its last consumed batch reported
         self._plan = _ReadPlan(
             table=table,
             fields=fields + ((ROW,) if trace_rows else ()),
@@ -504,14 +642,52 @@ class TrainStream:
         """Rows every rank together takes in one epoch."""
         return self.batches_per_epoch * self._plan.batch_size * self._plan.world_size
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """The epoch to read next; ``start_batch`` batches of it were consumed already (a resume)."""
-        if not 0 <= start_batch < self.batches_per_epoch:
-            raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}), got {start_batch}")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
+    @property
+    def readers(self) -> int:
+        """Readers per rank: DataLoader workers (0 workers read as one)."""
+        return max(1, self.num_workers)
+
+    def set_epoch(
+        self,
+        epoch: int,
+        start_batch: int = 0,
+        *,
+        earlier: Sequence[Layout] = (),
+        first: int = 0,
+        cursors: Sequence[int] = (),
+    ) -> None:
+        """The epoch to read next; ``start_batch`` batches of it were consumed already (a resume).
+
+        ``earlier``: layouts of other geometries that read part of this epoch (exact mode); this layout
+        deals the rows they left from its batch ``first`` on. ``cursors``: this rank's readers' cursors
+        when ``start_batch`` > ``first`` (a resume at this layout).
+        """
+        if not 0 <= first <= start_batch < self.batches_per_epoch:
+            raise ValueError(f"need 0 <= first {first} <= start_batch {start_batch} < {self.batches_per_epoch}")
+        if earlier and self._plan.resampled:
+            raise ValueError("earlier layouts: resampled readers have no exact epoch to continue")
+        self.epoch, self.start_batch, self.first = int(epoch), int(start_batch), int(first)
+        self.earlier = tuple(earlier)
+        self._cursors = dict(enumerate(int(c) for c in cursors))
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
+
+    def cursors(self) -> list[int]:
+        """This rank's readers' cursors in the running epoch's layout (what `Layout.cursors` records)."""
+        return [self._cursors.get(w, 0) for w in range(self.readers)]
+
+    def layouts(self, cursors: Sequence[int], stop: int) -> list[Layout]:
+        """What read the running epoch up to its batch ``stop``: the earlier layouts, then this one with
+        ``cursors`` (every rank's, rank-major); none at an epoch's end or in resampled mode."""
+        if self._plan.resampled or stop in (0, self.batches_per_epoch):
+            return []
+        plan = self._plan
+        now = Layout(
+            self.epoch, plan.world_size, plan.batch_size, self.readers, self.batches_per_epoch, self.first, stop,
+            tuple(int(c) for c in cursors), plan.seed, plan.shuffle_blocks,
+        )  # fmt: skip
+        return [*self.earlier, now]
 
     @property
     def stats(self) -> LoaderStats:
@@ -531,10 +707,35 @@ class TrainStream:
         self._done.add(self._live_stats())
         self._live = {}
         if completed and not self._plan.resampled and self._plan.rank == 0:
-            self._done.dropped_tail += max(0, self.table.n_rows - self.rows_per_epoch)
+            read = sum(lay.rows for lay in self.earlier) + (self.batches_per_epoch - self.first) * self.rows_per_batch
+            self._done.dropped_tail += max(0, self.table.n_rows - read)
+
+    def count_unread(self, layouts: Sequence[Layout]) -> None:
+        """An epoch a resume ended early (its rows left did not fill a step): what no layout read is counted
+        with the dropped tails."""
+        if self._plan.rank == 0:
+            self._done.dropped_tail += max(0, self.table.n_rows - sum(lay.rows for lay in layouts))
+
+    @property
+    def rows_per_batch(self) -> int:
+        """Rows every rank together takes in one batch."""
+        return self._plan.batch_size * self._plan.world_size
+
+    def _epoch_plan(self) -> _ReadPlan:
+        plan = dataclasses.replace(
+            self._plan,
+            epoch=self.epoch,
+            start_batch=self.start_batch - self.first,
+            batches_per_epoch=self.batches_per_epoch - self.first,
+        )
+        if not self.earlier:
+            return plan
+        per_rank = plan.batches_per_epoch * plan.batch_size
+        dealt = continue_sequence(self.table, self.earlier, per_rank * (plan.rank + 1), plan.fields)
+        return dataclasses.replace(plan, sequence=dealt[-per_rank:])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        plan = dataclasses.replace(self._plan, epoch=self.epoch, start_batch=self.start_batch)
+        plan = self._epoch_plan()
         dataset = _Epoch(plan)
         if self.num_workers == 0:
             batches = iter(dataset)
@@ -551,7 +752,8 @@ class TrainStream:
             for left in range(len(self) - 1, -1, -1):
                 buf, n = next(batches)
                 batch, report = unpack_batch((buf.clone() if copy else buf, n), plan.fields)
-                self._live[report[0]] = report[1:]
+                worker, self._cursors[report[0]] = report[0], report[1]
+                self._live[worker] = report[2:]
                 if left == 0:  # counted before the last batch leaves: a loop may stop right after it
                     self._close_epoch(completed=True)
                     closed = True
@@ -559,7 +761,8 @@ class TrainStream:
         finally:
             if not closed:
                 self._close_epoch(completed=False)
-            self.start_batch = 0
+            self.start_batch = self.first = 0
+            self.earlier = ()
             close = getattr(batches, "close", None) or getattr(batches, "_shutdown_workers", None)
             if close is not None:
                 close()

@@ -22,7 +22,7 @@ _COMPUTE = {**{name: np.dtype(compute_dtype(name)) for name in FIELDS}, ROW: np.
 _ALIGN = 64  # byte alignment of each field inside a packed batch
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}  # compute_dtype's
 
-# the worker's counters (LoaderStats fields) that travel with each batch, after the worker's id
+# the worker's counters (LoaderStats fields) that travel with each batch, after the worker's id and its cursor
 REPORTED = (
     "bad_blocks",
     "unreadable_rows",
@@ -32,7 +32,7 @@ REPORTED = (
     "samples_read",
     "repeats",
 )
-_REPORT_LEN = 1 + len(REPORTED)  # worker id, then the counters
+_REPORT_LEN = 2 + len(REPORTED)  # worker id, cursor (stream._Batcher), then the counters
 
 
 @functools.lru_cache(maxsize=64)
