@@ -3,7 +3,9 @@
 A flock belongs to the open file, so the kernel drops it when the holder dies (kill -9, a lost node, a requeue):
 a dead run never leaves a stale lock, and a requeued job's new process takes it over. The holder writes its
 host, pid and start time into the file after taking it; a second run into the directory is refused at once,
-naming them. Forked loader workers share the descriptor and end with the main process.
+naming them. A forked child (a loader worker) closes its copy of the descriptor at once, so the lock ends with
+the holder itself, not with the last of its children (a worker outliving a killed main must not keep a
+requeued run out).
 Only `dist-train train` takes the lock; `report`, `eval` and `export` read a run directory without it.
 """
 
@@ -25,6 +27,18 @@ from dist_train.rundir import RunDir
 
 # file systems mounted without lock support (e.g. Lustre without -o flock) answer with one of these
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_in_child() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the parent's descriptor, and so its lock, stays
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RunLock:
@@ -77,13 +91,15 @@ class RunLock:
         record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        _HELD.add(fd)
         return cls(fd, path)
 
     def release(self) -> None:
-        if self.fd >= 0:
+        if self.fd in _HELD:  # not in a forked child, which closed its copy already
+            _HELD.discard(self.fd)
             with contextlib.suppress(OSError):
                 os.close(self.fd)  # closing drops the flock; the file stays, holding the last holder's record
-            self.fd = -1
+        self.fd = -1
 
     def __del__(self):
         self.release()
