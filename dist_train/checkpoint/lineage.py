@@ -4,8 +4,9 @@ A fresh start draws a run id (`new_run_id`), stored in every checkpoint's traine
 keeps the id of the checkpoint it continues. Pruning deletes only checkpoints of the run's own id (never
 the best step), ``--resume latest`` picks within one lineage, an explicit resume from an older step moves
 the newer checkpoints of the abandoned branch aside, and a fresh start into a directory that holds
-checkpoints is refused unless ``--overwrite`` (`decide_start`). Everything here is file system work that
-rank 0 does alone; `Checkpointer` tells the other ranks the outcome.
+checkpoints is refused unless ``--overwrite`` (`decide_start`), and a directory that another tool wrote is
+refused outright (`check_output_dir`, `is_run_dir`). Everything here is file system work that rank 0 does
+alone; `Checkpointer` tells the other ranks the outcome.
 """
 
 from __future__ import annotations
