@@ -110,7 +110,7 @@ def test_two_runs_started_together_one_is_refused_naming_the_holder_the_other_en
     rc, out, err = runs[loser].result()
     assert rc == 2, out[-2000:] + err[-2000:]
     assert_refused_by(err, run, runs[winner])
-    assert f"(create {run / STOP})" in err
+    assert err.endswith("); wait for it to end or stop it, or choose another --output_dir\n"), err
 
     # the winner trains on undisturbed; a stop request ends it with a checkpoint
     wait_for(has_checkpoint(run), "first checkpoint", [runs[winner]])

@@ -71,8 +71,8 @@ class RunLock:
             holder = _holder(fd)
             os.close(fd)
             raise ConfigError(
-                f"output_dir {dirs.root} is in use by another run ({holder}); wait for it to end or stop it "
-                f"(create {dirs.stop}), or choose another --output_dir"
+                f"output_dir {dirs.root} is in use by another run ({holder}); wait for it to end or stop it, "
+                f"or choose another --output_dir"
             ) from None
         except OSError as e:
             os.close(fd)
