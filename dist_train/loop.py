@@ -19,7 +19,14 @@ import torch
 
 from dist_train import augment, cli
 from dist_train import config as config_mod
-from dist_train.checkpoint import Checkpointer, CheckpointWriteError, TrainState, new_run_id, read_state
+from dist_train.checkpoint import (
+    Checkpointer,
+    CheckpointWriteError,
+    TrainState,
+    check_output_dir,
+    new_run_id,
+    read_state,
+)
 from dist_train.config import Config, ConfigError
 from dist_train.data.schema import target_of, train_fields
 from dist_train.data.shards import ShardSetError
@@ -47,6 +54,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     the ``log_with`` trackers of the config.
     """
     shard_sets = open_shard_sets(cfg)  # refused here, before any process group or file
+    check_output_dir(cfg.train.output_dir)  # a file, another tool's directory; rank 0 checks again when locking
     runtime = setup(cfg, trackers)
     acc = runtime.accelerator
     run_dir = RunDir(cfg.train.output_dir)

@@ -13,6 +13,7 @@ name, so the layout below is the whole contract (job scripts and users read it):
     abandoned/                  branches moved aside by a resume from an older checkpoint
     DONE / PREEMPTED            the run ended (step inside) / stopped on request and will resume
     STOP                        created by a job script or a person: stop at the next agreed step
+    .dist-train.lock            flock'ed by the running run's main process; host, pid and start time inside
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ DONE = "DONE"
 PREEMPTED = "PREEMPTED"
 STOP = "STOP"
 TEST_METRICS = "test.json"
+LOCK = ".dist-train.lock"
 
 # what `--overwrite` deletes: the previous run's outputs (config.yaml is rewritten by the new run)
 OUTPUTS = (CHECKPOINTS, BEST, TB, METRICS, ABANDONED, DONE, PREEMPTED)
+# what a run writes at the top of its directory: a directory that is not a run's and holds any of these is
+# refused (the run would write into them, --overwrite would delete them)
+WRITTEN = (CONFIG, *OUTPUTS, TRACE)
 
 
 _EVAL_METRICS = re.compile(r"^eval-step(\d+)\.json$")
@@ -80,6 +85,7 @@ class RunDir:
     done = _Under(DONE)
     preempted = _Under(PREEMPTED)
     stop = _Under(STOP)
+    lock = _Under(LOCK)
 
     def eval_metrics(self, step: int) -> Path:
         return self.root / METRICS / eval_metrics_name(step)

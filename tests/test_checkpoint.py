@@ -49,7 +49,7 @@ from dist_train.checkpoint import (
 )
 from dist_train.checkpoint import checkpointer as checkpointer_mod
 from dist_train.config import CheckpointConfig, ConfigError
-from dist_train.rundir import ABANDONED, BEST, CHECKPOINTS
+from dist_train.rundir import ABANDONED, BEST, CHECKPOINTS, LOCK
 
 # ---- fakes -----------------------------------------------------------------------------------------------
 
@@ -232,8 +232,7 @@ def test_new_run_ids_differ():
 def test_fresh_start_into_an_empty_or_new_directory(tmp_path):
     ck, _ = make(tmp_path)
     assert ck.resolve_start(None, overwrite=False) is None
-    ck.run_dir.mkdir()
-    (ck.run_dir / "config.yaml").write_text("x: 1\n")
+    ck.run_config.save(ck.run_dir)  # a run that ended before its first checkpoint
     assert ck.resolve_start(None, overwrite=False) is None
 
 
@@ -263,7 +262,7 @@ def test_overwrite_deletes_the_previous_runs_outputs_and_says_so(tmp_path, capsy
     assert ck.resolve_start(None, overwrite=True) is None
     out = capsys.readouterr().out
     assert "deleted the previous run's checkpoints, best, tb, metrics, abandoned, DONE, PREEMPTED" in out
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "notes.txt"]
+    assert sorted(p.name for p in run.iterdir()) == [LOCK, "config.yaml", "notes.txt"]
 
 
 def test_resume_latest_picks_the_newest_checkpoint_and_drops_partial_writes(tmp_path, capsys):

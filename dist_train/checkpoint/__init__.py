@@ -10,9 +10,10 @@ Layout under the run directory::
                                   explicit resume from an older checkpoint
 
 One job per module: ``checkpointer`` (the policy the loop follows: `Checkpointer`), ``state`` (the trainer
-state, trainer_state.json), ``lineage`` (run ids, listing, pruning, where a run starts), ``write`` (the
-atomic write and the failure every rank agrees on), ``background`` (the best-model writer thread), ``best``
-(best/ agrees with the trainer state: kept in each checkpoint, restored on resume),
+state, trainer_state.json), ``lineage`` (run ids, listing, pruning, where a run starts, whose directory it
+is), ``lock`` (one run per directory: an flock the main process holds), ``write`` (the atomic write and the
+failure every rank agrees on), ``background`` (the best-model writer thread), ``best`` (best/ agrees with the
+trainer state: kept in each checkpoint, restored on resume),
 ``consolidated`` (fp32 safetensors weights, from any checkpoint) and ``safety`` (what is checked before
 anything is unpickled). The names below are the package's interface; import them from here.
 """
@@ -27,13 +28,16 @@ from dist_train.checkpoint.consolidated import (
     save_consolidated,
 )
 from dist_train.checkpoint.lineage import (
+    check_output_dir,
     checkpoint_step,
     complete_checkpoints,
+    is_run_dir,
     lineage_checkpoints,
     new_run_id,
     partial_checkpoints,
     step_dir_name,
 )
+from dist_train.checkpoint.lock import RunLock
 from dist_train.checkpoint.safety import (
     PICKLE_SUFFIXES,
     SAFE_GLOBAL_PREFIXES,
@@ -58,14 +62,17 @@ __all__ = [
     "TMP_SUFFIX",
     "CheckpointWriteError",
     "Checkpointer",
+    "RunLock",
     "TrainState",
     "UnsafeCheckpointError",
     "assert_contained",
     "assert_data_only",
     "assert_loadable",
+    "check_output_dir",
     "checkpoint_step",
     "complete_checkpoints",
     "consolidate_checkpoint",
+    "is_run_dir",
     "lineage_checkpoints",
     "load_consolidated",
     "load_consolidated_meta",

@@ -1,7 +1,7 @@
 """The checkpoint policy the training loop follows: when to save, what to keep, the best model, resuming.
 
 `Checkpointer` decides and coordinates; the work is done by its neighbours: `lineage` (where a run starts,
-pruning), `write` (the atomic, all-ranks-agree write), `consolidated` and `background` (the best model,
+pruning), `lock` (one run per directory), `write` (the atomic, all-ranks-agree write), `consolidated` and `background` (the best model,
 written by a thread), `safety` (checks before loading) and `state` (trainer_state.json).
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 from dist_train.checkpoint.background import BackgroundWriter
 from dist_train.checkpoint.best import restore_best
 from dist_train.checkpoint.consolidated import master_state_dict, save_consolidated
-from dist_train.checkpoint.lineage import decide_start, prune
+from dist_train.checkpoint.lineage import check_output_dir, decide_start, prune
+from dist_train.checkpoint.lock import RunLock
 from dist_train.checkpoint.safety import assert_loadable
 from dist_train.checkpoint.state import TMP_SUFFIX, TrainState, read_state
 from dist_train.checkpoint.write import agree, cause, write_checkpoint
@@ -41,6 +42,7 @@ class Checkpointer:
         self.clock = time.monotonic
         self.last_save_time = self.clock()  # the clock of save_every_minutes starts with the run
         self._best = BackgroundWriter(60 * cfg.best_every_minutes)
+        self._lock: RunLock | None = None  # rank 0's, from resolve_start for the process's life
 
     # ---- rank 0 decides, everyone follows ----
 
@@ -79,11 +81,20 @@ class Checkpointer:
     def resolve_start(self, resume: str | None, overwrite: bool) -> Path | None:
         """Collective: the checkpoint to load, or None for a fresh start.
 
-        Rank 0 decides and acts (`lineage.decide_start`: refusals, ``--overwrite``, ``latest``, moving an
-        abandoned branch aside), then broadcasts; a ConfigError is raised on every rank. The caller
-        sets ``state.run_id`` (`new_run_id`, broadcast) on a fresh start; a loaded state keeps its own.
+        Rank 0 decides and acts, then broadcasts; a ConfigError is raised on every rank. Before anything is
+        written it refuses an output_dir that is a file or another tool's (`lineage.check_output_dir`), then
+        takes the directory's lock (`RunLock`: a second run is refused, naming the holder), then decides
+        (`lineage.decide_start`: refusals, ``--overwrite``, ``latest``, moving an abandoned branch aside). The
+        caller sets ``state.run_id`` (`new_run_id`, broadcast) on a fresh start; a loaded state keeps its own.
         """
-        found = self._on_main(lambda: decide_start(self.run_dir, resume, overwrite))
+
+        def start():
+            check_output_dir(self.run_dir)
+            if self._lock is None:
+                self._lock = RunLock.acquire(self.run_dir)
+            return decide_start(self.run_dir, resume, overwrite)
+
+        found = self._on_main(start)
         return Path(found) if found is not None else None
 
     def load(self, path: str | Path) -> TrainState:

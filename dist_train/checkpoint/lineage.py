@@ -4,8 +4,9 @@ A fresh start draws a run id (`new_run_id`), stored in every checkpoint's traine
 keeps the id of the checkpoint it continues. Pruning deletes only checkpoints of the run's own id (never
 the best step), ``--resume latest`` picks within one lineage, an explicit resume from an older step moves
 the newer checkpoints of the abandoned branch aside, and a fresh start into a directory that holds
-checkpoints is refused unless ``--overwrite`` (`decide_start`). Everything here is file system work that
-rank 0 does alone; `Checkpointer` tells the other ranks the outcome.
+checkpoints is refused unless ``--overwrite`` (`decide_start`), and a directory that another tool wrote is
+refused outright (`check_output_dir`, `is_run_dir`). Everything here is file system work that rank 0 does
+alone; `Checkpointer` tells the other ranks the outcome.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from dist_train import rundir
 from dist_train.checkpoint.consolidated import load_consolidated_meta
-from dist_train.checkpoint.state import COMPLETE, TrainState, read_state
-from dist_train.config import ConfigError
+from dist_train.checkpoint.state import COMPLETE, STATE_FILE, TrainState, read_state
+from dist_train.config import SECTION_TYPES, ConfigError
 from dist_train.rundir import RunDir
 
 _STEP_RE = re.compile(r"^step-(\d+)(\.tmp)?$")
@@ -103,6 +106,48 @@ def job_restarts() -> int:
     """How often this job has been restarted (requeue or elastic restart); 0 on its first start."""
     counts = [os.environ.get(name, "") for name in RESTART_ENV]
     return max((int(c) for c in counts if c.strip().isdigit()), default=0)
+
+
+def is_run_dir(run_dir: str | Path) -> bool:
+    """Whether dist-train wrote this directory: its config.yaml is a dist-train config (the sections of
+    `Config`), or checkpoints/ holds a step-NNNNNNNN checkpoint with a trainer_state.json."""
+    dirs = RunDir(run_dir)
+    root = dirs.checkpoints
+    if root.is_dir() and not root.is_symlink():
+        if any(_STEP_RE.match(p.name) and (p / STATE_FILE).is_file() for p in root.iterdir()):
+            return True
+    try:
+        if not dirs.config.is_file() or dirs.config.stat().st_size > 1 << 20:
+            return False
+        doc = yaml.safe_load(dirs.config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(doc, dict) and {"train", "checkpoint"} <= set(doc) <= set(SECTION_TYPES)
+
+
+def check_output_dir(run_dir: str | Path) -> None:
+    """Refuse (ConfigError) an output_dir that is not a directory, or a directory that no dist-train run wrote
+    but that holds names a run writes (`rundir.WRITTEN`): the run would write into them, ``--overwrite``
+    would delete them. Reads only: it runs before the lock file or anything else is created."""
+    root = Path(run_dir)
+    for p in (root, *root.parents):
+        if p.is_dir():
+            break
+        if p.exists() or p.is_symlink():
+            what = "is a file" if p.is_file() else "is not a directory"
+            raise ConfigError(
+                f"output_dir {root}{' ' if p == root else f': {p} '}{what}; pass a directory "
+                f"path to --output_dir (it is created when missing)"
+            )
+    if not root.is_dir() or is_run_dir(root):
+        return
+    found = [name + ("/" if (root / name).is_dir() else "") for name in rundir.WRITTEN if os.path.lexists(root / name)]
+    if found:
+        raise ConfigError(
+            f"output_dir {root} is not a dist-train run directory (no dist-train config.yaml, no checkpoint) but "
+            f"holds {', '.join(found)}: a run would write into them and --overwrite would delete them; choose "
+            f"another --output_dir (a new or empty directory, or one a dist-train run wrote)"
+        )
 
 
 def _say(msg: str) -> None:
