@@ -7,6 +7,7 @@ resume continues. A run that cannot reach its stop checkpoint (its workers hang)
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import psutil
 import pytest
 from conftest import FAST_TRAIN_FLAGS, RUN_TIMEOUT_S, TrainRun
 
+from dist_train import config
 from dist_train.checkpoint import COMPLETE, step_dir_name
 from dist_train.preemption import EXIT_STOP_TIMEOUT
 from dist_train.rundir import CHECKPOINTS, DONE, PREEMPTED
@@ -182,3 +184,13 @@ def test_group_sigterm_stops_a_ddp_run_with_a_checkpoint_and_a_resume_continues(
     assert rc == 0, resumed[-3000:]
     assert f"resumed from {run_dir / CHECKPOINTS / step_dir_name(step)} at step {step}" in resumed
     assert (run_dir / DONE).read_text().strip() == str(step + 4) and not (run_dir / PREEMPTED).exists()
+
+
+@pytest.mark.parametrize("value", ["-1.0", "inf", "nan"])
+def test_stop_grace_is_zero_or_finite_seconds(value):
+    p = argparse.ArgumentParser()
+    config.add_arguments(p)
+    with pytest.raises(
+        config.ConfigError, match=f"stop_grace_seconds: {value} is not allowed; must be 0 .off. or finite"
+    ):
+        config.from_args(p.parse_args(["--data_dir", "null", "--stop_grace_seconds", value]))
