@@ -221,10 +221,12 @@ class CheckpointConfig:
     allow_data_change: bool = False  # resume onto a shard set other than the one the checkpoint was trained on
     init_from: Optional[str] = None  # weights of a checkpoint or exported file; fresh optimizer and schedule
     init_from_strict: bool = True  # refuse weights whose names or shapes differ (false: load what matches)
+    stop_grace_seconds: float = 20.0  # after SIGTERM: a run not ended by then (blocked) exits 143 unsaved; 0: off
 
     def validate(self) -> None:
         _positive_ints(self, "keep_last")
         _counts(self, "save_every_steps", "save_every_epochs", "save_every_minutes", "best_every_minutes")
+        _check(self, ("stop_grace_seconds",), lambda v: 0 <= v < float("inf"), "must be 0 (off) or finite seconds")
 
 
 @dataclass

@@ -118,8 +118,8 @@ class FaceSet:
     score: np.ndarray  # (N,) float32, detection score
     photos: int = 0  # image files looked at
     detected: int = 0  # faces found before the filters
-    # per reason (extract's names): files (outside_identity, unsupported_file, unreadable, failed), photos (no_face),
-    # faces (low_score, too_small, extra_face)
+    # per reason (extract's names): files (outside_identity, unsupported_file, too_large, unreadable, failed),
+    # photos (no_face), faces (low_score, too_small, extra_face)
     dropped: dict[str, int] = field(default_factory=dict)
     problems: list[dict] = field(default_factory=list)  # {"input", "reason", "detail"}: photos that gave no face
 
@@ -282,7 +282,7 @@ def run_photos(args) -> int:
     if gallery is not None:
         trees["gallery"] = (gallery, find_photos(gallery, by_person=True))
     providers = choose_providers(args.device)
-    settings = Settings(pack=args.pack, det_size=args.det_size, det_thresh=args.det_thresh)
+    settings = Settings(pack=args.pack, det_size=args.det_size, det_thresh=args.det_thresh, max_pixels=args.max_pixels)
     extractor = Extractor(settings, providers, 0, args.batch_size, load_pack(args.pack, providers))
     model = Frontalizer.load(args.model, args.backend, torch_device(args.device), args.precision)
     face_filter = pairing.FaceFilter(min_size=args.min_size, min_score=args.min_score, keep=args.keep)

@@ -93,7 +93,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     stepper = Stepper(model, optimizer, runtime, cfg, steps_per_epoch, total_steps, position)
 
     # ---- callbacks ----------------------------------------------------------------------------
-    stop = StopRequest(run_dir.root, acc)
+    stop = StopRequest(run_dir.root, acc, cfg.checkpoint.stop_grace_seconds)
     evaluator = Evaluator(
         cfg.eval, runtime, shard_sets, cfg.data.val_split, cfg.train.batch_size, cfg.data.target, run_dir.root
     )
@@ -246,6 +246,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     except CheckpointWriteError as e:
         logger.close()
         print(f"dist-train train: error: {e}", file=sys.stderr, flush=True)
+        stop.close()
         return EXIT_CHECKPOINT_WRITE
 
     # ---- the end --------------------------------------------------------------------------------
@@ -272,6 +273,7 @@ def train(cfg: Config, trackers: tuple = ()) -> int:
     acc.print(f"{best}; run dir {run_dir.root}")
     print(f"[rank {runtime.rank}/{runtime.world_size}] {outcome.value} at step {state.step}", flush=True)
     acc.end_training()
+    stop.close()
     return outcome.exit_code
 
 

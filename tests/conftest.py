@@ -69,6 +69,8 @@ def free_port() -> int:
 class TrainRun:
     """`dist-train train` in the background, plain or under `accelerate launch` (``launch``: its flags)."""
 
+    new_session = False  # True: the run leads a process group of its own, for signals to the whole group
+
     def __init__(self, tmp: Path, name: str, flags: list[str], launch: list[str] | None = None):
         self.name, self.flags, self.launch = name, list(flags), launch
         self.run_dir, self.log_path = tmp / name, tmp / f"{name}.log"
@@ -81,7 +83,14 @@ class TrainRun:
             prefix += ["--main_process_port", str(free_port()), "-m", "dist_train"]
         cmd = [*prefix, "train", *flags, "--output_dir", str(self.run_dir)]
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=os.environ | RUN_ENV, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=os.environ | RUN_ENV,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.new_session,
+            )
 
     def finish(self) -> tuple[int, str]:
         """Exit code and the log so far (of every start), waiting up to RUN_TIMEOUT_S."""

@@ -115,6 +115,7 @@ EXPECTED_DROPS = {
     "unsupported_file": 1,  # dave/notes.txt
     "outside_identity": 1,  # loose.jpg
     "unreadable": 2,  # dave/broken.jpg, dave/broken.mp4
+    "too_large": 0,
     "bad_frame": 0,
     "wrong_size": 0,
     "failed": 0,

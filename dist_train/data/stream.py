@@ -36,6 +36,7 @@ import itertools
 import numbers
 import os
 import re
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -108,6 +109,43 @@ def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     if not out:
         raise ValueError("no shard files given")
     return out
+
+
+# Signals a DataLoader worker ignores: a job's SIGTERM (scancel, preemption, torchrun's shutdown) reaches every
+# process of the job, and a worker that died of it would crash the trainer before its stop checkpoint. The trainer
+# decides (preemption.py) and ends its workers itself.
+_WORKER_IGNORES = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_KILL_WAIT_S = 5  # for a killed worker to be gone (one in uninterruptible I/O goes when the I/O ends)
+
+
+def _worker_ignores_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: ignore the job's signals, then let through those that came since the fork."""
+    for sig in _WORKER_IGNORES:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_IGNORES)
+
+
+def _start_workers(loader: torch.utils.data.DataLoader):
+    """``iter(loader)`` with the job's signals held while the workers fork: none dies of one before it ignores it.
+
+    A signal that arrives meanwhile reaches this process when the workers are up.
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_IGNORES)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _end_workers(batches) -> None:
+    """Shut the DataLoader's workers down; kill any that did not end (one blocked in a read ignores SIGTERM)."""
+    close = getattr(batches, "close", None) or getattr(batches, "_shutdown_workers", None)
+    if close is not None:
+        close()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(_KILL_WAIT_S)
 
 
 def _seed(*parts: int) -> int:
@@ -741,9 +779,13 @@ class TrainStream:
             batches = iter(dataset)
         else:
             loader = torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
+                dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                worker_init_fn=_worker_ignores_signals,
             )
-            batches = iter(loader)
+            batches = _start_workers(loader)
         closed = False
         try:
             # a worker's buffer is reused a few batches later (transport._Ring): take a copy unless pinning made one or the
@@ -763,6 +805,4 @@ class TrainStream:
                 self._close_epoch(completed=False)
             self.start_batch = self.first = 0
             self.earlier = ()
-            close = getattr(batches, "close", None) or getattr(batches, "_shutdown_workers", None)
-            if close is not None:
-                close()
+            _end_workers(batches)

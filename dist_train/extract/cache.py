@@ -48,7 +48,7 @@ class Result:
 
     inp: Input
     stamp: tuple[int, int]  # file size and mtime when it was read
-    status: str = "ok"  # or unreadable / wrong_size / failed
+    status: str = "ok"  # or too_large / unreadable / wrong_size / failed
     detail: str = ""
     frames: int = 0  # images: 1; videos: frames sampled
     no_face: int = 0  # frames without a detection
@@ -134,13 +134,16 @@ def check_cache_settings(out: Path, settings: Settings, fresh: bool) -> None:
     if fresh and cache.exists():
         shutil.rmtree(cache)
     if marker.is_file():
-        before = json.loads(marker.read_text())
+        recorded = json.loads(marker.read_text())
+        # a setting newer than the cache (max_pixels) counts as unchanged: what the cache holds was extracted in full
+        before = now | recorded
         if before != now:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ExtractError(
                 f"{cache} holds faces extracted with other settings (changed: {changed}); "
                 "rerun with --fresh to extract everything again, or use another --out"
             )
-        return
+        if recorded == now:
+            return  # else the marker is rewritten with the newer settings, so that a later change is seen
     cache.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(now, indent=2) + "\n")

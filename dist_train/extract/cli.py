@@ -14,13 +14,22 @@ from dist_train.extract import pairing
 from dist_train.extract.cache import check_cache_settings, scan_cache
 from dist_train.extract.job import ExtractError, Job, Settings
 from dist_train.extract.models import choose_providers, load_pack
-from dist_train.extract.sources import discover
+from dist_train.extract.sources import discover, header_pixel_limit
 from dist_train.extract.stage1 import run_stage1
 from dist_train.extract.stage2 import REPORT_NAME, run_stage2
 
 
 def add_face_arguments(group, unit: str) -> None:
-    """Detection and face filters, the same flags, defaults and checks for extract and frontalize."""
+    """The image size limit, detection and face filters: the same flags, defaults and checks for extract and
+    frontalize."""
+    limit = Settings.max_pixels
+    group.add_argument(
+        "--max-pixels",
+        type=int,
+        default=limit,
+        help=f"images over this many pixels (width x height, read from the header) are counted as too_large and "
+        f"never decoded (default {limit})",
+    )
     group.add_argument("--det-size", type=int, default=640, help="detector input size in pixels (default 640)")
     group.add_argument(
         "--det-thresh", type=float, default=0.3, help="detector threshold; faces below are not seen (default 0.3)"
@@ -46,6 +55,12 @@ def check_face_arguments(args) -> None:
         )
     if args.det_size < 32:
         raise ExtractError(f"--det-size {args.det_size}: must be >= 32")
+    limit = header_pixel_limit()
+    if args.max_pixels < 1 or limit is not None and args.max_pixels > limit:
+        raise ExtractError(
+            f"--max-pixels {args.max_pixels}: must be >= 1 and at most {limit}, the largest image whose header "
+            "Pillow reads (it treats larger ones as decompression bombs)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +131,7 @@ def main(argv: list[str]) -> int:
                 det_thresh=args.det_thresh,
                 every=args.every,
                 fps=None if args.every else (args.fps or 2.0),
+                max_pixels=args.max_pixels,
             ),
             face_filter=pairing.FaceFilter(min_size=args.min_size, min_score=args.min_score, keep=args.keep),
             rules=pairing.PairingRules(

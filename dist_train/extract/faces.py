@@ -10,7 +10,7 @@ import numpy as np
 from dist_train.extract.cache import Result, _stamp, write_chunk
 from dist_train.extract.job import Settings
 from dist_train.extract.models import ALIGNED_SIZE, Pack, load_pack
-from dist_train.extract.sources import Input, read_frames
+from dist_train.extract.sources import ImageTooLarge, Input, read_frames
 
 
 class Extractor:
@@ -83,6 +83,8 @@ class Extractor:
                             "frame": index,
                         }
                     )
+        except ImageTooLarge as e:
+            result.status, result.detail = "too_large", str(e)
         except OSError as e:
             result.status, result.detail = "unreadable", str(e)
         except Exception as e:  # one bad input must not stop a run of millions

@@ -22,6 +22,7 @@ class Settings:
     det_thresh: float = 0.3
     every: int | None = None  # video: every k-th frame, or ...
     fps: float | None = 2.0  # ... frames per second of video time
+    max_pixels: int = 40_000_000  # images over this (width x height, from the header) are too_large, never decoded
 
     def fingerprint(self) -> dict:
         files = {p.name: p.stat().st_size for p in sorted(Path(self.pack).glob("*.onnx"))}

@@ -28,9 +28,10 @@ from dist_train.extract.store import write_pairs
 REPORT_NAME = "extract-report.json"
 # What each drop count counts; written to the report and index.json.
 DROP_UNITS = {
-    "unsupported_file": "files that are neither images nor videos",
+    "unsupported_file": "files that are neither images nor videos, or not regular files (FIFOs, devices, sockets)",
     "outside_identity": "files directly under ROOT, not in an identity folder",
-    "unreadable": "images or videos that could not be decoded",
+    "unreadable": "images or videos that could not be decoded (a JPEG cut short included)",
+    "too_large": "images over --max-pixels (width x height from the header; never decoded)",
     "wrong_size": "--aligned inputs that are not 112x112",
     "failed": "inputs whose processing raised an error (see the report)",
     "bad_frame": "sampled video frames that did not decode (the rest of the video is used)",
@@ -74,7 +75,7 @@ def scan_faces(
     source_of = {inp.rel: s for s, inp in enumerate(inputs)}
     ident = {n: i for i, n in enumerate(names)}
     identity_of = np.array([ident[inp.identity] for inp in inputs], np.int64)
-    counts = {"unreadable": 0, "wrong_size": 0, "failed": 0, "no_face": 0, "bad_frame": 0}
+    counts = {"unreadable": 0, "too_large": 0, "wrong_size": 0, "failed": 0, "no_face": 0, "bad_frame": 0}
     problems: list[tuple[int, dict]] = []
     seen = np.zeros(len(inputs), bool)
     chunks, starts = sorted(set(where.values())), [0]
@@ -95,7 +96,7 @@ def scan_faces(
         ok = (source >= 0) & (meta["status"] == "ok")
         counts["no_face"] += int(meta["no_face"][ok].sum())
         counts["bad_frame"] += int(meta["bad_frames"][ok].sum())
-        for i in valid[~ok[valid]].tolist():  # unreadable, wrong_size, failed
+        for i in valid[~ok[valid]].tolist():  # unreadable, too_large, wrong_size, failed
             status, s = str(meta["status"][i]), int(source[i])
             counts[status] += 1
             problems.append((s, {"input": inputs[s].rel, "reason": status, "detail": str(meta["detail"][i])}))
