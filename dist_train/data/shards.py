@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import reprlib
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,10 +437,14 @@ def _check_index(idx: Path, index) -> None:
         )
     block_size = index.get("block_size")
     if not _count(block_size) or block_size == 0:
-        raise ShardSetError(f"{idx}: block_size is {block_size!r}; it must be a positive integer (rows per block)")
+        raise ShardSetError(
+            f"{idx}: block_size is {reprlib.repr(block_size)}; it must be a positive integer (rows per block)"
+        )
     fields = index.get("fields")
     if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
-        raise ShardSetError(f"{idx}: 'fields' is {fields!r}; it must list the fields every block holds; {_FIX}")
+        raise ShardSetError(
+            f"{idx}: 'fields' is {reprlib.repr(fields)}; it must list the fields every block holds; {_FIX}"
+        )
     unknown, missing = [f for f in fields if f not in FIELDS], [f for f in REQUIRED if f not in fields]
     if unknown or missing or len(set(fields)) != len(fields):
         raise ShardSetError(
@@ -452,11 +457,13 @@ def _check_index(idx: Path, index) -> None:
     listed: dict[str, str] = {}  # shard file -> the split that lists it
     for split, entry in splits.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
-            raise ShardSetError(f"{idx}: split {split!r} is {entry!r}, not an object with a 'shards' list; {_FIX}")
+            raise ShardSetError(
+                f"{idx}: split {split!r} is {reprlib.repr(entry)}, not an object with a 'shards' list; {_FIX}"
+            )
         for shard in entry["shards"]:
             if not isinstance(shard, dict):
                 raise ShardSetError(
-                    f"{idx}: split {split!r} lists shard entry {shard!r}, which is not an object "
+                    f"{idx}: split {split!r} lists shard entry {reprlib.repr(shard)}, which is not an object "
                     f'{{"file": NAME, "n_samples": ROWS}}; {_FIX}'
                 )
             name = shard.get("file")
@@ -469,13 +476,13 @@ def _check_index(idx: Path, index) -> None:
             listed[name] = split
             if not _count(shard.get("n_samples")):
                 raise ShardSetError(
-                    f"{idx}: shard {name!r} of split {split!r} has n_samples {shard.get('n_samples')!r}; it must be "
+                    f"{idx}: shard {name!r} of split {split!r} has n_samples {reprlib.repr(shard.get('n_samples'))}; it must be "
                     f"a non-negative integer (the rows the shard holds); {_FIX}"
                 )
         total, declared = sum(s["n_samples"] for s in entry["shards"]), entry.get("n_samples")
         if not _count(declared) or declared != total:
             raise ShardSetError(
-                f"{idx}: split {split!r} has n_samples {declared!r}, but its shards' counts add up to {total}; {_FIX}"
+                f"{idx}: split {split!r} has n_samples {reprlib.repr(declared)}, but its shards' counts add up to {total}; {_FIX}"
             )
 
 
