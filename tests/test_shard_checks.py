@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_TRAIN_FLAGS, REPO, RUN_ENV
+from conftest import FAST_TRAIN_FLAGS, REPO, RUN_ENV, RUN_TIMEOUT_S, free_port
 
 from dist_train.data import blocks, shards
 from dist_train.data.schema import check_arrays
@@ -186,12 +186,29 @@ def test_train_refuses_a_broken_set_in_one_line_before_any_file(refusals, case):
     assert not run_dir.exists()
 
 
-def test_eval_max_samples_below_the_process_count_is_refused_before_the_process_group(small_shards, tmp_path):
-    """WORLD_SIZE is what accelerate launch / torchrun give each rank; the check reads it before set-up."""
+def test_eval_max_samples_below_the_process_count_is_refused_by_every_rank_before_the_process_group(
+    small_shards, tmp_path
+):
+    """Two DDP processes and --eval_max_samples 1 (each would evaluate no row): each rank refuses in one line."""
     run_dir = tmp_path / "run"
-    flags = [*FAST_TRAIN_FLAGS, "--eval_max_samples", "1", "--data_dir", str(small_shards)]
-    out = dist_train("train", *flags, "--output_dir", str(run_dir), env={"WORLD_SIZE": "2"})
-    assert_refused(out, "eval_max_samples: 1 is fewer than the 2 processes")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu/ddp.yaml"]
+    launch += ["--main_process_port", str(free_port()), "-m", "dist_train", "train"]
+    flags = [
+        *FAST_TRAIN_FLAGS,
+        "--eval_max_samples",
+        "1",
+        "--data_dir",
+        str(small_shards),
+        "--output_dir",
+        str(run_dir),
+    ]
+    out = subprocess.run(
+        [*launch, *flags], capture_output=True, text=True, cwd=REPO, env=os.environ | RUN_ENV, timeout=RUN_TIMEOUT_S
+    )
+    log = out.stdout + out.stderr
+    said = "dist-train train: error: eval_max_samples: 1 is fewer than the 2 processes"
+    assert out.returncode != 0 and log.count(said) == 2, log[-3000:]
+    assert "exitcode: 2" in log and f'File "{REPO / "dist_train"}' not in log, log[-3000:]  # the launcher's own trace
     assert not run_dir.exists()
 
 
