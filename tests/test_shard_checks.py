@@ -26,6 +26,7 @@ from conftest import FAST_TRAIN_FLAGS, REPO, RUN_ENV, RUN_TIMEOUT_S, free_port
 from dist_train.data import blocks, shards
 from dist_train.data.schema import check_arrays
 from dist_train.data.stream import TrainStream
+from dist_train.frontalize import Frontalizer
 
 REFUSAL_TIMEOUT_S = 120  # a refusal takes a second or two (more on a busy machine); a FIFO opened blocking hangs
 
@@ -250,7 +251,7 @@ def test_a_tar_cut_at_a_member_boundary_is_damage_counted_not_a_lie(small_shards
     assert [b.problem is None for b in table.blocks[:2]] == [True, False] and table.n_rows == 1680
 
 
-def test_integer_embeddings_are_refused_where_arrays_are_written():
+def test_integer_embeddings_are_refused_where_arrays_are_written_or_frontalized():
     arrays = {
         "src_emb": np.ones((2, 512), np.int16),
         "src_kps": np.zeros((2, 68, 3), np.float32),
@@ -262,6 +263,12 @@ def test_integer_embeddings_are_refused_where_arrays_are_written():
         check_arrays(arrays)
     with pytest.raises(ValueError, match="'identity' has dtype float32; it must be an integer dtype"):
         check_arrays(arrays | {"src_emb": arrays["tgt_emb"], "identity": np.zeros(2, np.float32)})
+    ran = []
+    model = Frontalizer(lambda x: ran.append(x) or np.zeros((2, 512), np.float32), "test")
+    with pytest.raises(ValueError, match="'src_emb' has dtype int16; it must be a floating-point dtype"):
+        model.frontalize(arrays["src_emb"], arrays["src_kps"], arrays["src_pose"])
+    assert not ran
+    assert model.frontalize(arrays["tgt_emb"], arrays["src_kps"], arrays["src_pose"]).shape == (2, 512) and ran
 
 
 def test_a_fifo_given_as_a_loose_shard_file_is_never_opened_blocking(tmp_path):
