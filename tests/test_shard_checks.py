@@ -31,14 +31,14 @@ from dist_train.frontalize import Frontalizer
 REFUSAL_TIMEOUT_S = 120  # a refusal takes a second or two (more on a busy machine); a FIFO opened blocking hangs
 
 
-def dist_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def dist_train(*args: str) -> subprocess.CompletedProcess:
     """The command's result; raises TimeoutExpired (the test fails) if it blocks."""
     return subprocess.run(
         [sys.executable, "-m", "dist_train", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=os.environ | RUN_ENV | (env or {}),
+        env=os.environ | RUN_ENV,
         timeout=REFUSAL_TIMEOUT_S,
     )
 
@@ -194,17 +194,14 @@ def test_eval_max_samples_below_the_process_count_is_refused_by_every_rank_befor
     run_dir = tmp_path / "run"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu/ddp.yaml"]
     launch += ["--main_process_port", str(free_port()), "-m", "dist_train", "train"]
-    flags = [
-        *FAST_TRAIN_FLAGS,
-        "--eval_max_samples",
-        "1",
-        "--data_dir",
-        str(small_shards),
-        "--output_dir",
-        str(run_dir),
-    ]
+    flags = [*FAST_TRAIN_FLAGS, "--eval_max_samples", "1", "--data_dir", str(small_shards)]
     out = subprocess.run(
-        [*launch, *flags], capture_output=True, text=True, cwd=REPO, env=os.environ | RUN_ENV, timeout=RUN_TIMEOUT_S
+        [*launch, *flags, "--output_dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=os.environ | RUN_ENV,
+        timeout=RUN_TIMEOUT_S,
     )
     log = out.stdout + out.stderr
     said = "dist-train train: error: eval_max_samples: 1 is fewer than the 2 processes"
