@@ -8,10 +8,13 @@ only the fields it needs. That is what lets the training stream draw blocks
 uniformly from the whole split (every row equally likely, whatever the shard
 sizes) and split an epoch's rows exactly between ranks and workers.
 
-Shards are opened as local files by their path: nothing here interprets a URL
+Shards are opened as local regular files by their path (``open_regular``: a FIFO
+or device is refused, never waited on); nothing here interprets a URL
 or runs a command. Members decode as ``.npy`` without pickle; a block with an
-unknown member, a missing field or a row count that disagrees with
-``index.json`` is bad: reading it raises ``BadBlock`` and the caller counts it.
+unknown member, a missing field, or a header with the wrong shape or dtype is
+bad: reading it raises ``BadBlock`` and the caller counts it. A shard whose
+``index.json`` entry disagrees with what its whole tar holds is refused
+(``ShardSetError``): a lying index, not damage.
 """
 
 from __future__ import annotations
