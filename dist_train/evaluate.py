@@ -21,7 +21,7 @@ import torch
 from dist_train import cli
 from dist_train.ceiling import data_ceiling
 from dist_train.checkpoint import load_consolidated
-from dist_train.data.blocks import PART_IDENTITY_STRIDE
+from dist_train.data.blocks import PART_IDENTITY_STRIDE, readable_split
 from dist_train.data.eval_reader import eval_batches
 from dist_train.data.schema import target_of, train_fields
 from dist_train.data.shards import ShardSet
@@ -221,10 +221,10 @@ class Evaluator:
         return result
 
 
-def data_limits(path: str, split: str) -> dict:
+def data_limits(shard_set: ShardSet, split: str) -> dict:
     """A set's data ceiling and, when cached, its linear probe: the figures val cos is read against."""
-    out = {"data_ceiling": data_ceiling(ShardSet.open(path), split)}
-    probe = read_cached(path, split=split)
+    out = {"data_ceiling": data_ceiling(shard_set, split)}
+    probe = read_cached(shard_set.root, split=split)
     if probe is not None:
         out["linear_probe"] = {"cache": probe["cache"]} | {
             k: probe["val"][k] for k in ("mean_cos", "per_yaw", "impostor_cos", "tar_at_far")
@@ -266,7 +266,7 @@ def main(argv: list[str]) -> int:
     try:
         shard_sets = [ShardSet.open(path) for path in args.shards]
         for shard_set in shard_sets:
-            shard_set.split(args.split)
+            readable_split(shard_set, args.split)  # no such split, empty, unreadable, or a lying index
         model, cfg = load_model(args.checkpoint)
         device, autocast = inference_device(args.device, args.precision)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -286,7 +286,7 @@ def main(argv: list[str]) -> int:
     m["dropped_rows"] = {"nonfinite": stats.nonfinite_rows, "unreadable": stats.unreadable_rows}
     # beside val cos: each set's data ceiling (how well frontal references agree with their identity) and
     # linear probe (closed-form ridge, when `dist-train probe` has cached it beside the set)
-    beside = {path: data_limits(path, args.split) for path in args.shards}
+    beside = {path: data_limits(shard_set, args.split) for path, shard_set in zip(args.shards, shard_sets)}
     frr = {
         "model": 1.0 - m["tar_at_far"][VERIFY_FAR]["pred"],
         "baseline": 1.0 - m["tar_at_far"][VERIFY_FAR]["baseline"],

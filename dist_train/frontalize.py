@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from dist_train import cli
-from dist_train.data.schema import EMB_DIM, MODEL_INPUTS, N_LANDMARKS, YAW_BUCKETS, yaw_bucket_index
+from dist_train.data.schema import EMB_DIM, MODEL_INPUTS, N_LANDMARKS, YAW_BUCKETS, dtype_problem, yaw_bucket_index
 from dist_train.evaluate import inference_device
 from dist_train.export import OUTPUT
 from dist_train.extract import (
@@ -83,6 +83,10 @@ class Frontalizer:
 
     def frontalize(self, src_emb, src_kps, src_pose, batch_size: int = 4096) -> np.ndarray:
         """(N,512) profile embeddings, (N,68,3) landmark_3d_68 pixels, (N,3) pose degrees -> (N,512) unit vectors."""
+        given = dict(zip(MODEL_INPUTS, map(np.asarray, (src_emb, src_kps, src_pose))))
+        problems = [p for p in (dtype_problem(k, a.dtype) for k, a in given.items()) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
         arrays = {
             "src_emb": np.asarray(src_emb, np.float32).reshape(-1, EMB_DIM),
             "src_kps": np.asarray(src_kps, np.float32).reshape(-1, N_LANDMARKS, 3),

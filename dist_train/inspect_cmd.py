@@ -43,7 +43,7 @@ from dist_train.ceiling import (
     row_hashes,
     row_norms,
 )
-from dist_train.data.blocks import iter_blocks
+from dist_train.data.blocks import BlockTable, iter_blocks, split_table
 from dist_train.data.schema import (
     EMBEDDING_FIELDS,
     FIELDS,
@@ -261,7 +261,7 @@ class SplitScan:
         self.pairs = Reservoir(MAX_PAIR_SAMPLES)
         self.plot = Reservoir(PLOT_SAMPLES)
         self.landmarks = LandmarkRows(n_expected)
-        self.shards: list[tuple[str, int, np.ndarray]] = []  # (path, first row, lowest cos per bucket)
+        self.shards: list[tuple[BlockTable, int, np.ndarray]] = []  # (shard's blocks, first row, lowest cos per bucket)
         self.ceiling = TargetCeiling()
 
     def on_error(self, exc: Exception) -> bool:
@@ -271,11 +271,11 @@ class SplitScan:
             self.errors.append(f"{type(exc).__name__}: {exc}")
         return True
 
-    def run(self, paths: list[str]) -> SplitScan:
+    def run(self, table: BlockTable) -> SplitScan:
         """Stream the shards one by one (so the second pass can re-read only the shards it needs)."""
-        for path in paths:
-            self.shards.append((path, self.n, np.full(len(YAW_BUCKETS), np.inf)))
-            for block in iter_blocks([path], on_error=self.on_error):
+        for s in range(len(table.paths)):
+            self.shards.append((table.shard(s), self.n, np.full(len(YAW_BUCKETS), np.inf)))
+            for block in iter_blocks(self.shards[-1][0], on_error=self.on_error):
                 self.add(block)
         return self
 
@@ -366,11 +366,11 @@ def suspicious_pairs(scan: SplitScan) -> dict:
     """
     median, sd = _robust_stats(scan)
     count, worst = 0, []
-    for path, start, lowest in scan.shards:
+    for shard, start, lowest in scan.shards:
         with np.errstate(invalid="ignore"):
             if not ((lowest - median) / sd < -SUSPICIOUS_ROBUST_Z).any():
                 continue
-        for block in iter_blocks([path], on_error=lambda exc: True):  # errors were counted by the first pass
+        for block in iter_blocks(shard, on_error=lambda exc: True):  # errors were counted by the first pass
             c, _, _ = clean_part(block, block_norms(block))
             z = (c["cos"] - median[c["bucket"]]) / sd[c["bucket"]]
             flagged = np.flatnonzero(z < -SUSPICIOUS_ROBUST_Z)
@@ -487,7 +487,7 @@ def inspect_split(shard_set: ShardSet, split: str) -> tuple[dict, dict]:
     Streams the split (bounded memory; see the module docstring).
     """
     expected = shard_set.n_samples(split)
-    scan = SplitScan(expected).run(shard_set.shard_paths(split))
+    scan = SplitScan(expected).run(split_table(shard_set, split))  # refuses an index.json that lies
     report = scan_report(scan, expected)
     if scan.clean:
         report.update(baseline_quality(scan))

@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from dist_train import __version__, cli
-from dist_train.data.schema import DEFAULT_BLOCK_SIZE, EMBEDDING_FIELDS, FIELDS, REQUIRED, ZERO_NORM, finite_rows
+from dist_train.data.schema import (
+    DEFAULT_BLOCK_SIZE,
+    EMBEDDING_FIELDS,
+    FIELDS,
+    REQUIRED,
+    ZERO_NORM,
+    dtype_problem,
+    finite_rows,
+)
 from dist_train.data.shards import DEFAULT_SHARD_SAMPLES, INDEX_NAME, add_layout_arguments, write_shard_set
 from dist_train.data.splits import split_by_identity
 
@@ -90,8 +98,9 @@ def check_columns(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
         want = (n, *FIELDS[name].shape)
         if a.shape != want:
             raise PackError(f"array {name!r} has shape {a.shape}, expected {want} (identity has {n} rows)")
-        if name != "identity" and a.dtype.kind not in "fiu":
-            raise PackError(f"array {name!r} has dtype {a.dtype}; expected numbers")
+        problem = None if name == "identity" else dtype_problem(name, a.dtype)  # identities: integers or names
+        if problem:
+            raise PackError(f"array {problem}: integers are no embedding, pose or landmarks; save them as floats")
     if n == 0:
         raise PackError("the arrays hold no rows")
     return columns, ignored

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 from dist_train.checkpoint import TrainState
 from dist_train.config import Config, ConfigError, require_data
+from dist_train.data.blocks import readable_split
 from dist_train.data.schema import train_fields
 from dist_train.data.shards import INDEX_NAME, ShardSet, ShardSetError
 from dist_train.data.stream import Layout
-from dist_train.runtime import Runtime
+from dist_train.runtime import Runtime, launched_world_size
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,24 @@ def data_fingerprint(shard_sets: list[ShardSet]) -> str:
     return digest.hexdigest()[:16]
 
 
-def open_shard_sets(cfg: Config) -> list[ShardSet]:
-    """The run's shard sets, refused before any work when one is missing or lacks a field or split the run reads.
+def open_shard_sets(cfg: Config, world_size: int | None = None) -> list[ShardSet]:
+    """The run's shard sets, refused before any work when one cannot give the run what it reads.
 
+    Refused (ConfigError, one line): a set that is missing, whose index.json is malformed or does not
+    describe its shards, that lacks a field the run reads, or whose train or val split (or test split,
+    when it has one) is empty or has no readable block; and ``eval_max_samples`` below the number of
+    processes (``world_size``, by default the launcher's), which would leave every rank without a row.
     The config's own validation does no I/O; this is the data check, run by `train` before it starts
-    processes talking to each other, and by the SLURM jobs' preflight before an allocation is used.
+    processes talking to each other, and by the SLURM jobs' preflight before an allocation is used. The
+    header scans it does are the ones the run's readers use (cached on the sets).
     """
     cfg = require_data(cfg)
+    world_size = launched_world_size() if world_size is None else world_size
+    if cfg.eval.eval_max_samples is not None and cfg.eval.eval_max_samples < world_size:
+        raise ConfigError(
+            f"eval_max_samples: {cfg.eval.eval_max_samples} is fewer than the {world_size} processes, which "
+            f"share it (each evaluates eval_max_samples / processes rows); give at least {world_size}, or null for all"
+        )
     needed = train_fields(cfg.data.target)
     sets = []
     for path in cfg.data.data_dir:
@@ -90,6 +102,13 @@ def open_shard_sets(cfg: Config) -> list[ShardSet]:
                 f"data_dir: {shard_set.root} has no field(s) {missing}, which this run reads (it has "
                 f"{shard_set.fields}); every shard set read together needs {list(needed)}"
             )
+        splits = [cfg.data.train_split, cfg.data.val_split]
+        splits += [s for s in [cfg.data.test_split] if s and s in shard_set.splits and s not in splits]
+        try:
+            for split in splits:
+                readable_split(shard_set, split)
+        except ShardSetError as e:
+            raise ConfigError(f"data_dir: {e}") from e
         sets.append(shard_set)
     return sets
 

@@ -38,7 +38,7 @@ import torch
 
 from dist_train import cli
 from dist_train.ceiling import identity_hashes
-from dist_train.data.blocks import BlockReader, split_table
+from dist_train.data.blocks import BlockReader, readable_split, split_table
 from dist_train.data.schema import EMB_DIM, YAW_BUCKETS, ZERO_NORM, finite_rows, yaw_bucket_index
 from dist_train.data.shards import INDEX_NAME, BadBlock, ShardSet, ShardSetError, widen
 from dist_train.geometry import encode_pose
@@ -343,7 +343,7 @@ def run_probe(root: str | Path, train_split: str = "train", split: str = "val") 
     """Fit on ``train_split``, score on ``split``; the JSON-ready result (no weights)."""
     shard_set = ShardSet.open(root)
     for s in (train_split, split):
-        shard_set.split(s)  # raises ShardSetError naming the splits there are
+        readable_split(shard_set, s)  # ShardSetError: no such split, empty, unreadable, or a lying index
     t0, c0 = time.perf_counter(), time.process_time()
     fitted = fit(shard_set, train_split)
     t1, c1 = time.perf_counter(), time.process_time()

@@ -218,6 +218,11 @@ def trackers(cfg: Config, extra: tuple = ()) -> list:
     return names + list(extra)
 
 
+def launched_world_size() -> int:
+    """The number of processes the launcher started (accelerate launch, torchrun), known before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(cfg: Config, extra_trackers: tuple = ()) -> Runtime:
     """Create the Accelerator; call once per process, before any data or model work.
 
@@ -227,7 +232,7 @@ def setup(cfg: Config, extra_trackers: tuple = ()) -> Runtime:
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, TorchDynamoPlugin
 
     on_gpu = torch.cuda.is_available()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     launched = "LOCAL_RANK" in os.environ  # under accelerate launch / torchrun, even with one process
     handlers = []
     if launched and not on_gpu:

@@ -135,6 +135,10 @@ def test_strict_refuses_bad_rows_with_reasons_and_writes_nothing(tmp_path, capsy
         (lambda a: a.pop("tgt_emb"), "missing array(s) ['tgt_emb']"),
         (lambda a: a.update(src_pose=a["src_pose"][:-1]), "'src_pose' has shape (119, 3)"),
         (lambda a: a.update(identity=a["identity"].astype(np.float64)), "identity has dtype float64"),
+        (
+            lambda a: a.update(src_emb=(a["src_emb"] * 100).astype(np.int8)),
+            "'src_emb' has dtype int8; it must be a floating-point dtype",
+        ),
     ],
 )
 def test_whole_array_errors_stop_before_anything_is_written(tmp_path, change, message):

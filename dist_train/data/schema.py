@@ -88,10 +88,19 @@ def finite_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return ok
 
 
-def check_arrays(arrays: dict[str, np.ndarray]) -> int:
-    """Validate field names and shapes of a column dict; returns the sample count.
+def dtype_problem(name: str, dtype) -> str | None:
+    """Why a field cannot hold values of this dtype, or None: identities are integers, every other field
+    (embeddings, landmarks, pose) floating point; integer embeddings would be cast to nonsense vectors."""
+    integer = np.dtype(FIELDS[name].storage).kind == "i"
+    if np.dtype(dtype).kind in ("iu" if integer else "f"):
+        return None
+    return f"field {name!r} has dtype {np.dtype(dtype)}; it must be {'an integer' if integer else 'a floating-point'} dtype"
 
-    Raises ValueError naming the field, the shape found and the shape expected.
+
+def check_arrays(arrays: dict[str, np.ndarray]) -> int:
+    """Validate field names, shapes and dtypes of a column dict; returns the sample count.
+
+    Raises ValueError naming the field, the shape or dtype found and what is expected.
     """
     missing = [n for n in REQUIRED if n not in arrays]
     if missing:
@@ -104,4 +113,7 @@ def check_arrays(arrays: dict[str, np.ndarray]) -> int:
         want = (n, *FIELDS[name].shape)
         if tuple(a.shape) != want:
             raise ValueError(f"field {name!r} has shape {tuple(a.shape)}, expected {want}")
+        problem = dtype_problem(name, a.dtype)
+        if problem:
+            raise ValueError(problem)
     return n

@@ -19,6 +19,8 @@ import io
 import json
 import os
 import re
+import reprlib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,13 +357,46 @@ def decode_block(sample: dict, *, storage: bool = False) -> dict[str, np.ndarray
 
 
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\.tar")
+_FIX = "re-create the set with `dist-train pack` or fix index.json"
+
+
+def _count(value) -> bool:
+    """A row count as index.json must hold it: a JSON integer, not negative (a bool is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file that is not a regular file is (None for a regular file): shards are only ever regular files."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"))
+    kinds += ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | os.PathLike):
+    """Open a shard for reading, refusing (OSError) anything but a regular file without ever blocking.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for a writer; the type is then
+    checked on the open descriptor, so a file swapped after a check is refused too.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        kind = file_kind(os.fstat(fd).st_mode)
+        if kind:
+            raise OSError(f"{path} is {kind}, not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_shard_name(index_path: Path, split: str, name) -> None:
-    """A shard entry must be a plain ``.tar`` file name in the set's own directory.
+    """A shard entry must be a plain ``.tar`` file name in the set's own directory, naming a regular file.
 
     Shard sets are data people download and share: an entry must never be a
-    command (``pipe:...``), a URL or a path out of the folder.
+    command (``pipe:...``), a URL or a path out of the folder, and a FIFO or
+    device among the shards must be refused here, not block a reader for ever.
     """
     if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or name in (".", ".."):
         raise ShardSetError(
@@ -369,10 +404,86 @@ def _check_shard_name(index_path: Path, split: str, name) -> None:
             "(letters, digits, '_', '-', '.'; no '/', ':' or scheme); a shard set only names tar files in its own "
             "directory. Re-create the set with `dist-train pack` or fix index.json"
         )
-    if (index_path.parent / name).is_symlink():
+    path = index_path.parent / name
+    if path.is_symlink():
         raise ShardSetError(
             f"{index_path}: shard {name!r} of split {split!r} is a symbolic link; copy the file into the set instead"
         )
+    try:
+        kind = file_kind(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return  # a missing shard is damage: its rows are counted as unreadable (blocks.scan)
+    if kind:
+        raise ShardSetError(
+            f"{path}: shard {name!r} of split {split!r} is {kind}, not a regular file; shards are read only from "
+            "regular files: copy the tar into the set"
+        )
+
+
+def _check_index(idx: Path, index) -> None:
+    """index.json's structure and its own arithmetic, before anything reads a shard (no I/O but ``lstat``).
+
+    What the shards themselves hold is checked against these counts by the header scan (``blocks.scan``).
+    """
+    if not isinstance(index, dict):
+        raise ShardSetError(f"{idx} holds {type(index).__name__}, not a JSON object; {_FIX}")
+    version = index.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ShardSetError(f"{idx} has schema_version {version!r}; this dist_train reads {SCHEMA_VERSION}")
+    if index.get("emb_dim") != EMB_DIM or index.get("n_landmarks") != N_LANDMARKS:
+        raise ShardSetError(
+            f"{idx} declares emb_dim={index.get('emb_dim')} n_landmarks={index.get('n_landmarks')}; "
+            f"dist_train expects {EMB_DIM} and {N_LANDMARKS}"
+        )
+    block_size = index.get("block_size")
+    if not _count(block_size) or block_size == 0:
+        raise ShardSetError(
+            f"{idx}: block_size is {reprlib.repr(block_size)}; it must be a positive integer (rows per block)"
+        )
+    fields = index.get("fields")
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise ShardSetError(
+            f"{idx}: 'fields' is {reprlib.repr(fields)}; it must list the fields every block holds; {_FIX}"
+        )
+    unknown, missing = [f for f in fields if f not in FIELDS], [f for f in REQUIRED if f not in fields]
+    if unknown or missing or len(set(fields)) != len(fields):
+        raise ShardSetError(
+            f"{idx}: 'fields' {fields} must name each field once, include {list(REQUIRED)} and only fields from "
+            f"{list(FIELDS)}; {_FIX}"
+        )
+    splits = index.get("splits")
+    if not splits or not isinstance(splits, dict):
+        raise ShardSetError(f"{idx} lists no splits")
+    listed: dict[str, str] = {}  # shard file -> the split that lists it
+    for split, entry in splits.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+            raise ShardSetError(
+                f"{idx}: split {split!r} is {reprlib.repr(entry)}, not an object with a 'shards' list; {_FIX}"
+            )
+        for shard in entry["shards"]:
+            if not isinstance(shard, dict):
+                raise ShardSetError(
+                    f"{idx}: split {split!r} lists shard entry {reprlib.repr(shard)}, which is not an object "
+                    f'{{"file": NAME, "n_samples": ROWS}}; {_FIX}'
+                )
+            name = shard.get("file")
+            _check_shard_name(idx, split, name)
+            if name in listed:
+                raise ShardSetError(
+                    f"{idx}: shard {name!r} is listed twice (splits {listed[name]!r} and {split!r}); each shard "
+                    f"belongs to one split once; {_FIX}"
+                )
+            listed[name] = split
+            if not _count(shard.get("n_samples")):
+                raise ShardSetError(
+                    f"{idx}: shard {name!r} of split {split!r} has n_samples {reprlib.repr(shard.get('n_samples'))}; it must be "
+                    f"a non-negative integer (the rows the shard holds); {_FIX}"
+                )
+        total, declared = sum(s["n_samples"] for s in entry["shards"]), entry.get("n_samples")
+        if not _count(declared) or declared != total:
+            raise ShardSetError(
+                f"{idx}: split {split!r} has n_samples {reprlib.repr(declared)}, but its shards' counts add up to {total}; {_FIX}"
+            )
 
 
 @dataclass
@@ -395,21 +506,9 @@ class ShardSet:
             )
         try:
             index = json.loads(idx.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ShardSetError(f"{idx} is not valid JSON ({e}); re-create the shard set") from e
-        version = index.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ShardSetError(f"{idx} has schema_version {version!r}; this dist_train reads {SCHEMA_VERSION}")
-        if index.get("emb_dim") != EMB_DIM or index.get("n_landmarks") != N_LANDMARKS:
-            raise ShardSetError(
-                f"{idx} declares emb_dim={index.get('emb_dim')} n_landmarks={index.get('n_landmarks')}; "
-                f"dist_train expects {EMB_DIM} and {N_LANDMARKS}"
-            )
-        if not index.get("splits"):
-            raise ShardSetError(f"{idx} lists no splits")
-        for split, entry in index["splits"].items():
-            for shard in entry.get("shards", []):
-                _check_shard_name(idx, split, shard.get("file") if isinstance(shard, dict) else shard)
+        _check_index(idx, index)
         return cls(root, index)
 
     @property

@@ -44,9 +44,9 @@ import braceexpand
 import numpy as np
 import torch
 
-from dist_train.data.blocks import BlockReader, BlockTable, combine, scan, split_table
+from dist_train.data.blocks import _SHOWN, BlockReader, BlockTable, check_readable, combine, scan, split_table
 from dist_train.data.schema import FIELDS, REQUIRED, finite_rows
-from dist_train.data.shards import BadBlock, ShardSet
+from dist_train.data.shards import BadBlock, ShardSet, file_kind
 from dist_train.data.transport import REPORTED, ROW, SHAPES, pack_batch, unpack_batch
 
 _STORAGE = {**{name: np.dtype(f.storage) for name, f in FIELDS.items()}, ROW: np.dtype(np.int64)}
@@ -54,7 +54,6 @@ _PASS = "__pass__"  # per row: 0 the first read of the row this epoch, > 0 a rep
 _SLOT = "__slot__"  # per row of a part: its place among the rows the part was asked for
 _KEY = "__key__"  # per carried row: its place in the reader's order
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
-_SHOWN = 5  # problems named in an error message
 
 
 @dataclass
@@ -104,6 +103,10 @@ def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
                 out.extend(found)
             elif os.path.isfile(url):
                 out.append(url)
+            elif os.path.exists(url):
+                raise ValueError(
+                    f"shard {url!r} is {file_kind(os.stat(url).st_mode)}, not a regular file; give .tar files"
+                )
             else:
                 raise ValueError(f"shard {url!r} does not exist; give existing .tar files, a glob or a brace range")
     if not out:
@@ -635,15 +638,7 @@ class TrainStream:
                     "with resampled=True (exact epochs read every row once)"
                 )
             weights = tuple(float(w) for w in weights)
-        if not any(b.problem is None for b in table.blocks):
-            where = f"split {split!r} of {[str(s.root) for s in sets]}" if sets else "the shard files"
-            why = "; ".join(f"{p}: {e}" for p, e in list(table.shard_errors.items())[:_SHOWN]) or "; ".join(
-                sorted({b.problem for b in table.blocks})[:_SHOWN]
-            )
-            raise ValueError(
-                f"{where} hold no readable block ({len(table.paths)} shard(s): {why or 'empty'}); "
-                "check or re-create the shard set (`dist-train inspect DIR`)"
-            )
+        check_readable(table, f"split {split!r} of {[str(s.root) for s in sets]}" if sets else "the shard files")
         self.batches_per_epoch = batches_per_epoch
         self.num_workers = num_workers
         self.pin_memory = pin_memory

@@ -51,8 +51,7 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2 or not argv[1].isdigit():
         print("usage: python -m launch.slurm.preflight ACCELERATE_YAML WORLD_SIZE [trainer flags...]", file=sys.stderr)
         return 2
-    # WORLD_SIZE stays in the job scripts' call; exact epochs deal rows, so any world size has data
-    accelerate_yaml, trainer_flags = argv[0], argv[2:]
+    accelerate_yaml, world_size, trainer_flags = argv[0], int(argv[1]), argv[2:]
     parser = argparse.ArgumentParser(prog="dist-train job (trainer flags)")
     config_mod.add_arguments(parser)
     try:
@@ -61,7 +60,7 @@ def main(argv: list[str]) -> int:
         if unknown:
             raise ConfigError(f"unknown trainer arguments {unknown}; see `dist-train train --help`")
         cfg = config_mod.from_args(args)
-        open_shard_sets(cfg)  # the data check: the set exists and has the splits and fields the run reads
+        open_shard_sets(cfg, world_size)  # the data check: every split the run reads, for its processes
     except (ConfigError, ShardSetError) as e:
         print(f"dist-train job: error: {e}", file=sys.stderr)
         return 2
