@@ -11,12 +11,20 @@ import time
 from pathlib import Path
 
 from dist_train.checkpoint.background import BackgroundWriter
-from dist_train.checkpoint.consolidated import master_state_dict, save_consolidated
+from dist_train.checkpoint.consolidated import (
+    DEEPSPEED,
+    PLAIN,
+    _is_deepspeed,
+    checkpoint_kind,
+    master_state_dict,
+    save_consolidated,
+)
 from dist_train.checkpoint.lineage import decide_start, prune
 from dist_train.checkpoint.safety import assert_loadable
 from dist_train.checkpoint.state import TMP_SUFFIX, TrainState, read_state
 from dist_train.checkpoint.write import agree, cause, write_checkpoint
-from dist_train.config import CheckpointConfig, Config, ConfigError
+from dist_train.config import CheckpointConfig, Config, ConfigError, load_run_config
+from dist_train.model import state_shapes
 from dist_train.rundir import RunDir
 from dist_train.runtime import broadcast, distributed
 from dist_train.schedule import every
@@ -82,8 +90,36 @@ class Checkpointer:
         abandoned branch aside), then broadcasts; a ConfigError is raised on every rank. The caller
         sets ``state.run_id`` (`new_run_id`, broadcast) on a fresh start; a loaded state keeps its own.
         """
-        found = self._on_main(lambda: decide_start(self.run_dir, resume, overwrite))
+        found = self._on_main(lambda: decide_start(self.run_dir, resume, overwrite, self.check_resumable))
         return Path(found) if found is not None else None
+
+    def check_resumable(self, path: Path) -> None:
+        """Refuse a checkpoint this run cannot load, naming why and the way on, before anything is loaded.
+
+        Its trainer state and config must read back as dist-train's; it must be of this run's launcher
+        (DeepSpeed's sharded engine state and Accelerate's DDP / single-process files do not load into each
+        other); the model its config describes must be this run's (`load` checks the tensors themselves).
+        """
+        read_state(path)
+        saved = load_run_config(path)
+        kind = checkpoint_kind(path)
+        here = DEEPSPEED if _is_deepspeed(self.acc, None) else PLAIN
+        weights_only = f"or start a new run from its weights with --init_from {path} (a fresh optimizer and schedule)"
+        if kind is None:
+            raise ConfigError(f"resume: {path} holds no model weights dist-train knows how to read; {weights_only}")
+        if kind != here:
+            launcher = "under `accelerate launch` with a DeepSpeed config" if kind == DEEPSPEED else "without DeepSpeed"
+            raise ConfigError(
+                f"resume: {path} is a {kind} checkpoint, but this run is {here}: their optimizer states "
+                f"do not load into each other. Resume it {launcher}, as it was trained, {weights_only}"
+            )
+        if state_shapes(saved.model) != state_shapes(self.run_config.model):
+            mine, theirs = vars(self.run_config.model), vars(saved.model)
+            differ = ", ".join(f"{k} {theirs[k]!r}, now {mine[k]!r}" for k in theirs if theirs[k] != mine[k])
+            raise ConfigError(
+                f"resume: {path} holds another model ({differ}); resume with the model settings it was trained "
+                f"with (they are in {RunDir(path).config})"
+            )
 
     def load(self, path: str | Path) -> TrainState:
         """Restore model, optimizer, loss scaler and RNG (collective), then the trainer state.
@@ -93,7 +129,16 @@ class Checkpointer:
         """
         path = Path(path)
         assert_loadable(path)
-        self.acc.load_state(str(path))
+        try:
+            self.acc.load_state(str(path))
+        except RuntimeError as e:  # torch's "size mismatch" / "Missing key(s)": weights not of its config's model
+            said = " ".join(str(e).split())
+            if not any(m in said for m in ("size mismatch", "Missing key", "Unexpected key")):
+                raise
+            raise ConfigError(
+                f"resume: the weights in {path} do not fit the model of its config, which is this run's "
+                f"({said[:300]}{' ...' if len(said) > 300 else ''}); resume from another checkpoint of the run"
+            ) from None
         state = read_state(path)
         self.last_saved_step = state.step
         return state
