@@ -17,6 +17,7 @@ from dist_train.checkpoint.consolidated import (
     _is_deepspeed,
     checkpoint_kind,
     master_state_dict,
+    safetensors_header,
     save_consolidated,
 )
 from dist_train.checkpoint.lineage import decide_start, prune
@@ -25,7 +26,7 @@ from dist_train.checkpoint.state import TMP_SUFFIX, TrainState, read_state
 from dist_train.checkpoint.write import agree, cause, write_checkpoint
 from dist_train.config import CheckpointConfig, Config, ConfigError, load_run_config
 from dist_train.model import state_shapes
-from dist_train.rundir import RunDir
+from dist_train.rundir import CONSOLIDATED, RunDir
 from dist_train.runtime import broadcast, distributed
 from dist_train.schedule import every
 
@@ -113,6 +114,11 @@ class Checkpointer:
                 f"resume: {path} is a {kind} checkpoint, but this run is {here}: their optimizer states "
                 f"do not load into each other. Resume it {launcher}, as it was trained, {weights_only}"
             )
+        if (path / CONSOLIDATED).is_file():  # a file under that name that is not safetensors is refused
+            try:
+                safetensors_header(path / CONSOLIDATED)
+            except ConfigError as e:
+                raise ConfigError(f"resume: {str(e).split('; ')[0]}; resume from another checkpoint") from None
         if state_shapes(saved.model) != state_shapes(self.run_config.model):
             mine, theirs = vars(self.run_config.model), vars(saved.model)
             differ = ", ".join(f"{k} {theirs[k]!r}, now {mine[k]!r}" for k in theirs if theirs[k] != mine[k])
