@@ -34,7 +34,7 @@ from dist_train.config import Config, ConfigError, ModelConfig
 from dist_train.frontalize import Frontalizer
 from dist_train.rundir import BEST, CONFIG, CONSOLIDATED
 
-MEMORY_CAP = 4 << 30  # address space of the processes that are handed a huge model: 51 GB cannot be allocated
+MEMORY_CAP = 16 << 30  # address space of the processes handed a huge model: 51 GB cannot be allocated
 HUGE = {"d_model": 65536, "num_layers": 64, "dim_feedforward": 65536, "nhead": 8}
 
 
@@ -163,7 +163,7 @@ def test_a_stored_config_with_keys_that_are_no_setting_is_refused_and_config_sta
 
 
 def test_a_config_asking_for_a_model_its_tensors_are_not_is_refused_before_anything_is_built(hostile):
-    """51 GB are asked for; the processes may allocate 4 GB and are refused within seconds, naming the mismatch."""
+    """51 GB are asked for; the processes may allocate 16 GB and are refused within seconds, naming the mismatch."""
     for command in ("export", "eval"):
         proc = hostile["runs"][f"{command}_huge"]
         one_line_refusal(proc, command, str(hostile["huge"]), "d_model 65536, 64 layers", "tensors", "refusing")

@@ -14,8 +14,8 @@ from dist_train.checkpoint.background import BackgroundWriter
 from dist_train.checkpoint.consolidated import (
     DEEPSPEED,
     PLAIN,
-    _is_deepspeed,
     checkpoint_kind,
+    is_deepspeed,
     master_state_dict,
     safetensors_header,
     save_consolidated,
@@ -104,7 +104,7 @@ class Checkpointer:
         read_state(path)
         saved = load_run_config(path)
         kind = checkpoint_kind(path)
-        here = DEEPSPEED if _is_deepspeed(self.acc, None) else PLAIN
+        here = DEEPSPEED if is_deepspeed(self.acc, None) else PLAIN
         weights_only = f"or start a new run from its weights with --init_from {path} (a fresh optimizer and schedule)"
         if kind is None:
             raise ConfigError(f"resume: {path} holds no model weights dist-train knows how to read; {weights_only}")

@@ -19,7 +19,7 @@ from dist_train.config import Config, ConfigError, config_from_dict, load_run_co
 from dist_train.rundir import CONSOLIDATED
 
 
-def _is_deepspeed(accelerator, model) -> bool:
+def is_deepspeed(accelerator, model) -> bool:
     kind = getattr(accelerator, "distributed_type", None)
     return str(getattr(kind, "value", kind)) == "DEEPSPEED" or hasattr(model, "checkpoint_engine")
 
@@ -32,7 +32,7 @@ def master_state_dict(model, accelerator) -> dict[str, torch.Tensor]:
     and the parameters are visited in the module's order on every rank. Elsewhere the model's own
     weights are the fp32 ones.
     """
-    if not _is_deepspeed(accelerator, model):  # copies: the live weights go on changing while a thread writes
+    if not is_deepspeed(accelerator, model):  # copies: the live weights go on changing while a thread writes
         module = accelerator.unwrap_model(model, keep_torch_compile=False)  # no DDP, no torch.compile prefix
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
     from deepspeed.utils import safe_get_full_fp32_param
