@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import io
 import json
+import math
 import sys
 import tokenize
 import types
@@ -293,7 +294,7 @@ def _describe(tp) -> str:
         return _describe(inner[0]) + " or null"
     if origin is list:
         return _describe(typing.get_args(tp)[0]) + " or several"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
 def coerce(key: str, value):
@@ -341,13 +342,16 @@ def _convert(tp, value, bad: ConfigError):
             if f.is_integer():
                 return int(f)
         raise bad
-    if tp is float:
+    if tp is float:  # inf and nan are no setting: `--lr inf` would pass "positive" and train on nothing
         if isinstance(value, bool):
             raise bad
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise bad from None
+        if not math.isfinite(number):
+            raise bad
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -404,17 +408,31 @@ def resolve_preset(name: str | Path) -> Path:
     raise ConfigError(f"config {str(name)!r} not found: give a YAML file path or one of the presets {presets}")
 
 
+def _read_yaml(path: Path) -> dict:
+    """A YAML mapping, read with the safe loader: a tag such as ``!!python/object`` is refused, never run."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(
+            f"{path}: not a plain YAML config ({problem}{at}); dist-train configs hold sections of plain values, "
+            "no Python tags"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
 def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     """Flat values of a YAML config, following ``base:`` chains."""
     path = resolve_preset(path)
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: base chain loops through {[str(s) for s in _seen]}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = _read_yaml(path)
     base = raw.pop("base", None)
     values = load_yaml(base if Path(str(base)).suffix else str(base), _seen + (path.resolve(),)) if base else {}
     values.update(_flatten_yaml(raw, str(path)))
@@ -521,17 +539,24 @@ def from_args(args: argparse.Namespace) -> Config:
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The resolved config a run wrote into its directory (no data check)."""
-    return config_from_dict(yaml.safe_load(RunDir(run_dir).config.read_text()))
+    path = RunDir(run_dir).config
+    return config_from_dict(_read_yaml(path), str(path))
 
 
-def config_from_dict(raw: dict) -> Config:
-    """Nested dict (as stored in checkpoints) -> Config, without the data check."""
-    cfg = Config()
-    for sec, vals in raw.items():
-        for k, v in vals.items():  # by the key's section now: a config stored before a setting moved still loads
-            setattr(getattr(cfg, FLAT[k][0] if k in FLAT else sec), k, coerce(k, v) if k in FLAT else v)
-    validate(cfg)
-    return cfg
+def config_from_dict(raw: dict, source: str = "stored config") -> Config:
+    """Nested dict (as stored in checkpoints and exported files) -> Config, without the data check.
+
+    Such a dict comes from a file, so only the known sections and fields are accepted (a setting stored
+    in the section it had before it moved still loads), each coerced to its type; anything else is
+    refused naming ``source`` and the key: nothing in it reaches an attribute other than a field.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return build(_flatten_yaml(raw, source))
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith(source) else f"{source}: {message}") from None
 
 
 def dumps(cfg: Config) -> str:

@@ -242,6 +242,12 @@ def build_model(cfg: ModelConfig) -> FrontalNet:
     return FrontalNet(cfg)
 
 
+def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The state dict's names and shapes of the model a config describes, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+
+
 def model_inputs(batch: dict[str, torch.Tensor], emb_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """(src_emb, src_kps, src_pose) from a batch: only the embedding in ``emb_dtype`` (the module's dtype).
 

@@ -112,7 +112,7 @@ def test_presets_match_the_design_notes(preset, checks):
         (["--d_model", "500", "--nhead", "8"], ["d_model", "500", "divisible by nhead"]),
         (["--batch_size", "0"], ["batch_size", "0", "positive"]),
         (["--num_layers", "-2"], ["num_layers", "-2", "positive"]),
-        (["--lr", "fast"], ["lr", "'fast'", "a number"]),
+        (["--lr", "fast"], ["lr", "'fast'", "a finite number"]),
         (["--epochs", "2.5"], ["epochs", "2.5", "integer"]),
         (["--warmup_epochs", "100", "--epochs", "100"], ["warmup_epochs", "100", "smaller than epochs"]),
         (["--mse_weight", "0", "--cosine_weight", "0"], ["all zero"]),
@@ -185,7 +185,7 @@ def test_every_train_flag_says_what_it_does_and_shows_the_presets_value():
     assert out.returncode == 0
     text = " ".join(out.stdout.split())
     assert "--d_model D_MODEL width of the Transformer (token size) [an integer; default 512; xl: 768]" in text
-    assert "clip the global gradient norm to this; 0: no clipping [a number; default 1.0]" in text
+    assert "clip the global gradient norm to this; 0: no clipping [a finite number; default 1.0]" in text
     for section in ("data:", "augment:", "model:", "loss:", "optim:", "train:", "eval:", "checkpoint:", "log:"):
         assert f"\n{section}\n" in out.stdout, section
 

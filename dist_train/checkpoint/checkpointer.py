@@ -12,14 +12,23 @@ from pathlib import Path
 
 from dist_train.checkpoint.background import BackgroundWriter
 from dist_train.checkpoint.best import restore_best
-from dist_train.checkpoint.consolidated import master_state_dict, save_consolidated
+from dist_train.checkpoint.consolidated import (
+    DEEPSPEED,
+    PLAIN,
+    checkpoint_kind,
+    is_deepspeed,
+    master_state_dict,
+    safetensors_header,
+    save_consolidated,
+)
 from dist_train.checkpoint.lineage import check_output_dir, decide_start, prune
 from dist_train.checkpoint.lock import RunLock
 from dist_train.checkpoint.safety import assert_loadable
 from dist_train.checkpoint.state import TMP_SUFFIX, TrainState, read_state
 from dist_train.checkpoint.write import agree, cause, write_checkpoint
-from dist_train.config import CheckpointConfig, Config, ConfigError
-from dist_train.rundir import RunDir
+from dist_train.config import CheckpointConfig, Config, ConfigError, load_run_config
+from dist_train.model import state_shapes
+from dist_train.rundir import CONSOLIDATED, RunDir
 from dist_train.runtime import broadcast, distributed
 from dist_train.schedule import every
 
@@ -92,10 +101,43 @@ class Checkpointer:
             check_output_dir(self.run_dir)
             if self._lock is None:
                 self._lock = RunLock.acquire(self.run_dir)
-            return decide_start(self.run_dir, resume, overwrite)
+            return decide_start(self.run_dir, resume, overwrite, self.check_resumable)
 
         found = self._on_main(start)
         return Path(found) if found is not None else None
+
+    def check_resumable(self, path: Path) -> None:
+        """Refuse a checkpoint this run cannot load, naming why and the way on, before anything is loaded.
+
+        Its trainer state and config must read back as dist-train's; it must be of this run's launcher
+        (DeepSpeed's sharded engine state and Accelerate's DDP / single-process files do not load into each
+        other); the model its config describes must be this run's (`load` checks the tensors themselves).
+        """
+        read_state(path)
+        saved = load_run_config(path)
+        kind = checkpoint_kind(path)
+        here = DEEPSPEED if is_deepspeed(self.acc, None) else PLAIN
+        weights_only = f"or start a new run from its weights with --init_from {path} (a fresh optimizer and schedule)"
+        if kind is None:
+            raise ConfigError(f"resume: {path} holds no model weights dist-train knows how to read; {weights_only}")
+        if kind != here:
+            launcher = "under `accelerate launch` with a DeepSpeed config" if kind == DEEPSPEED else "without DeepSpeed"
+            raise ConfigError(
+                f"resume: {path} is a {kind} checkpoint, but this run is {here}: their optimizer states "
+                f"do not load into each other. Resume it {launcher}, as it was trained, {weights_only}"
+            )
+        if (path / CONSOLIDATED).is_file():  # a file under that name that is not safetensors is refused
+            try:
+                safetensors_header(path / CONSOLIDATED)
+            except ConfigError as e:
+                raise ConfigError(f"resume: {str(e).split('; ')[0]}; resume from another checkpoint") from None
+        if state_shapes(saved.model) != state_shapes(self.run_config.model):
+            mine, theirs = vars(self.run_config.model), vars(saved.model)
+            differ = ", ".join(f"{k} {theirs[k]!r}, now {mine[k]!r}" for k in theirs if theirs[k] != mine[k])
+            raise ConfigError(
+                f"resume: {path} holds another model ({differ}); resume with the model settings it was trained "
+                f"with (they are in {RunDir(path).config})"
+            )
 
     def load(self, path: str | Path) -> TrainState:
         """Restore model, optimizer, loss scaler and RNG (collective), then the trainer state.
@@ -106,7 +148,16 @@ class Checkpointer:
         """
         path = Path(path)
         assert_loadable(path)
-        self.acc.load_state(str(path))
+        try:
+            self.acc.load_state(str(path))
+        except RuntimeError as e:  # torch's "size mismatch" / "Missing key(s)": weights not of its config's model
+            said = " ".join(str(e).split())
+            if not any(m in said for m in ("size mismatch", "Missing key", "Unexpected key")):
+                raise
+            raise ConfigError(
+                f"resume: the weights in {path} do not fit the model of its config, which is this run's "
+                f"({said[:300]}{' ...' if len(said) > 300 else ''}); resume from another checkpoint of the run"
+            ) from None
         state = read_state(path)
         said = self._on_main(lambda: restore_best(self.run_dir, path, state))
         if said and self._main:

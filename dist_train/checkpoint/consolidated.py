@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from dist_train.checkpoint.safety import assert_loadable
+from dist_train.checkpoint.safety import assert_fits, assert_loadable
 from dist_train.checkpoint.state import COMPLETE, TMP_SUFFIX
-from dist_train.config import Config, config_from_dict, load_run_config
+from dist_train.config import Config, ConfigError, config_from_dict, load_run_config
 from dist_train.rundir import CONSOLIDATED
 
 
-def _is_deepspeed(accelerator, model) -> bool:
+def is_deepspeed(accelerator, model) -> bool:
     kind = getattr(accelerator, "distributed_type", None)
     return str(getattr(kind, "value", kind)) == "DEEPSPEED" or hasattr(model, "checkpoint_engine")
 
@@ -32,7 +32,7 @@ def master_state_dict(model, accelerator) -> dict[str, torch.Tensor]:
     and the parameters are visited in the module's order on every rank. Elsewhere the model's own
     weights are the fp32 ones.
     """
-    if not _is_deepspeed(accelerator, model):  # copies: the live weights go on changing while a thread writes
+    if not is_deepspeed(accelerator, model):  # copies: the live weights go on changing while a thread writes
         module = accelerator.unwrap_model(model, keep_torch_compile=False)  # no DDP, no torch.compile prefix
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
     from deepspeed.utils import safe_get_full_fp32_param
@@ -75,25 +75,52 @@ def save_consolidated(path: str | Path, state_dict: dict, cfg: Config, meta: dic
     return path
 
 
+def safetensors_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """(metadata, tensor name -> shape) of a safetensors file, from its header alone: no tensor is read.
+
+    A file that is not safetensors (a pickle under that name, a truncated write) is refused, never unpickled.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(
+            f"{path}: not a readable safetensors file ({e}); give a model.safetensors written by dist-train "
+            "(best/, `dist-train export`) or a checkpoint directory"
+        ) from None
+
+
+def _metadata_json(path: str | Path, md: dict[str, str], key: str, default: str | None = None):
+    """A JSON record of the metadata (the run config, ``meta``): a mapping, or refused naming the file."""
+    if key not in md and default is None:
+        raise ConfigError(f"{path} has no dist-train {key} in its metadata; is it a dist-train consolidated file?")
+    try:
+        value = json.loads(md.get(key, default))
+    except ValueError as e:
+        raise ConfigError(
+            f"{path}: its {key!r} metadata is not JSON ({e}); the file was not written by dist-train"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: its {key!r} metadata is a {type(value).__name__}, not a mapping")
+    return value
+
+
 def load_consolidated_meta(path: str | Path) -> dict:
     """The ``meta`` record of a consolidated file (step, val_mean_cos, ...), without reading the tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
-    return json.loads(md.get("meta", "{}"))
+    return _metadata_json(path, safetensors_header(path)[0], "meta", "{}")
 
 
 def load_consolidated(path: str | Path) -> tuple[dict, Config, dict]:
-    """(state_dict, config, meta) of a consolidated file."""
-    from safetensors import safe_open
+    """(state_dict, config, meta) of a consolidated file; the config is checked against the tensors first."""
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
-    if "config" not in md:
-        raise ValueError(f"{path} has no dist-train config in its metadata; is it a dist-train consolidated file?")
-    return load_file(str(path)), config_from_dict(json.loads(md["config"])), json.loads(md.get("meta", "{}"))
+    md, shapes = safetensors_header(path)
+    cfg = config_from_dict(_metadata_json(path, md, "config"), f"{path} (config metadata)")
+    meta = _metadata_json(path, md, "meta", "{}")
+    assert_fits(cfg.model, shapes, path)
+    return load_file(str(path)), cfg, meta
 
 
 def consolidate_checkpoint(path: str | Path) -> tuple[dict, Config]:
@@ -110,17 +137,36 @@ def consolidate_checkpoint(path: str | Path) -> tuple[dict, Config]:
         raise ValueError(f"{path} is neither a consolidated .safetensors file nor a complete dist-train checkpoint")
     assert_loadable(path)
     cfg = load_run_config(path)
-    if (path / "pytorch_model" / "latest").is_file() or (path / "latest").is_file():
+    kind = checkpoint_kind(path)
+    if kind == DEEPSPEED:  # the ZeRO shards hold flat partitions: shapes are known once they are joined
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
-        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, cfg
-    st = path / CONSOLIDATED
-    if st.is_file():
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    elif (path / CONSOLIDATED).is_file():
         from safetensors.torch import load_file
 
+        st = path / CONSOLIDATED
+        assert_fits(cfg.model, safetensors_header(st)[1], st)
         return load_file(str(st)), cfg
-    bin_ = path / "pytorch_model.bin"
-    if bin_.is_file():
-        return torch.load(bin_, map_location="cpu", weights_only=True), cfg
-    raise ValueError(f"{path} holds no model weights that dist-train knows how to read")
+    elif kind == PLAIN:
+        sd = torch.load(path / PLAIN_BIN, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{path} holds no model weights that dist-train knows how to read")
+    assert_fits(cfg.model, {k: tuple(v.shape) for k, v in sd.items()}, path)
+    return sd, cfg
+
+
+DEEPSPEED, PLAIN = "DeepSpeed ZeRO", "DDP / single-process"  # the launchers whose checkpoints differ
+PLAIN_BIN = "pytorch_model.bin"
+
+
+def checkpoint_kind(path: str | Path) -> str | None:
+    """Which launcher wrote a checkpoint, from what it holds: DeepSpeed's ``latest`` tag, or Accelerate's
+    model file (DDP and single process); None when it holds neither."""
+    path = Path(path)
+    if (path / "pytorch_model" / "latest").is_file() or (path / "latest").is_file():
+        return DEEPSPEED
+    if (path / CONSOLIDATED).is_file() or (path / PLAIN_BIN).is_file():
+        return PLAIN
+    return None

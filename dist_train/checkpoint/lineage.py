@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -154,8 +155,13 @@ def _say(msg: str) -> None:
     print(f"dist-train: {msg}", flush=True)
 
 
-def decide_start(run_dir: str | Path, resume: str | None, overwrite: bool) -> str | None:
+def decide_start(
+    run_dir: str | Path, resume: str | None, overwrite: bool, check: Callable[[Path], None] = lambda p: None
+) -> str | None:
     """The checkpoint to load, or None for a fresh start; run on rank 0 only (`Checkpointer.resolve_start`).
+
+    ``check`` is given the checkpoint chosen before anything is moved or deleted for it; it raises ConfigError
+    to refuse it.
 
     - ``resume`` None: a run directory holding any checkpoint (complete or ``*.tmp``) is refused with a
       ConfigError naming it, its newest step and the two ways on; with ``overwrite`` the previous run's
@@ -196,8 +202,10 @@ def decide_start(run_dir: str | Path, resume: str | None, overwrite: bool) -> st
         if not done:
             _say(f"resume 'latest': no complete checkpoint in {dirs.root}, starting fresh")
             return None
-        return str(_latest(dirs, done))
-    return str(_resume_from(dirs, Path(resume), done, partial, overwrite))
+        latest = _latest(dirs, done)
+        check(latest)
+        return str(latest)
+    return str(_resume_from(dirs, Path(resume), done, partial, overwrite, check))
 
 
 def _latest(dirs: RunDir, done: list[Path]) -> Path:
@@ -215,7 +223,9 @@ def _latest(dirs: RunDir, done: list[Path]) -> Path:
     return done[-1]
 
 
-def _resume_from(dirs: RunDir, path: Path, done: list[Path], partial: list[Path], overwrite: bool) -> Path:
+def _resume_from(
+    dirs: RunDir, path: Path, done: list[Path], partial: list[Path], overwrite: bool, check: Callable[[Path], None]
+) -> Path:
     if not path.is_dir() or not (path / COMPLETE).is_file():
         raise ConfigError(
             f"resume: {str(path)!r} is not a complete dist-train checkpoint (no {COMPLETE} marker); give a "
@@ -225,12 +235,14 @@ def _resume_from(dirs: RunDir, path: Path, done: list[Path], partial: list[Path]
     inside = path.resolve().parent == dirs.checkpoints.resolve()
     own = [p for p in done if _run_id(p) == state.run_id and checkpoint_step(p) > state.step]
     if inside and own and job_restarts():
+        check(own[-1])
         _say(
             f"resume {path}: restart {job_restarts()} of this job, which already continued from it; continuing "
             f"from its newest checkpoint {own[-1]} instead of moving its progress aside"
         )
         _drop_partial(partial)
         return own[-1]
+    check(path)
     if not inside:
         foreign = [p for p in done if _run_id(p) != state.run_id]
         if foreign:

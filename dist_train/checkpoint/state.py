@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from dist_train.config import ConfigError
+from dist_train.data.stream import LoaderStats
 
 COMPLETE = "COMPLETE"  # the marker written last: only a checkpoint holding it is resumed from
 STATE_FILE = "trainer_state.json"
@@ -68,9 +71,45 @@ def read_state(path: str | Path) -> TrainState:
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise ConfigError(f"{path} is not a complete dist-train checkpoint (no {COMPLETE} marker)")
+    file = path / STATE_FILE
+    fix = (
+        f"resume from another checkpoint (--resume DIR), or start a new run from this one's weights "
+        f"(--init_from {path})"
+    )
     try:
-        raw = json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read {STATE_FILE} ({e})") from e
-    known = {f.name for f in dataclasses.fields(TrainState)}
-    return TrainState(**{k: v for k, v in raw.items() if k in known})
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{file}: cannot be read as JSON ({e}); {fix}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: holds a {type(raw).__name__}, not the trainer state's mapping; {fix}")
+    hints = typing.get_type_hints(TrainState)
+    for key, value in raw.items():  # fields it does not know are left out: a state of an older version loads
+        if key in hints and not _fits(key, hints[key], value):
+            raise ConfigError(f"{file}: {key} is {value!r}, not {_kind(key, hints[key])}; {fix}")
+    return TrainState(**{k: v for k, v in raw.items() if k in hints})
+
+
+def _kind(key: str, tp) -> str:
+    if key == "step":
+        return "a count (an integer >= 0)"
+    if key == "loader":
+        return f"a mapping of loader counters {[f.name for f in dataclasses.fields(LoaderStats)]} to integers"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _kind(key, a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(tp, str(tp))
+
+
+def _fits(key: str, tp, value) -> bool:
+    """Whether a JSON value can be the field's: the file is read back by a process that computes with it."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return value is None or any(_fits(key, a, value) for a in typing.get_args(tp) if a is not type(None))
+    if isinstance(value, bool):
+        return tp is bool
+    if tp is int:
+        return isinstance(value, int) and (key != "step" or value >= 0)
+    if tp is float:
+        return isinstance(value, (int, float))
+    if key == "loader":
+        counters = {f.name for f in dataclasses.fields(LoaderStats)}
+        return isinstance(value, dict) and all(k in counters and _fits(k, int, v) for k, v in value.items())
+    return isinstance(value, typing.get_origin(tp) or tp)
