@@ -39,7 +39,7 @@ from dist_train.plan import Plan, check_resume, data_fingerprint, epoch_start, o
 from dist_train.preemption import StopRequest
 from dist_train.progress import Outcome, RunPolicy
 from dist_train.rundir import RunDir
-from dist_train.runtime import setup
+from dist_train.runtime import end_process_group, setup
 from dist_train.stepstats import StepStats
 from dist_train.tracking import RowTrace, TrainLogger, data_summary
 from dist_train.weights import init_weights
@@ -289,6 +289,8 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ShardSetError) as e:
         print(f"dist-train train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        end_process_group()
 
 
 if __name__ == "__main__":

@@ -79,6 +79,13 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def end_process_group() -> None:
+    """Tear the process group down before the interpreter exits (the command line's last act): a group left
+    to interpreter shutdown can abort the process in a C++ destructor after the run has finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def broadcast(value):
     """Collective when distributed: rank 0's ``value`` on every rank (any picklable object)."""
     if not distributed():
